@@ -46,10 +46,23 @@ class SegResNetVAE(nets.SegResNetVAE):
 
     def __init__(self, input_image_size: Sequence[int], **kwargs) -> None:
         super().__init__(input_image_size=input_image_size, **kwargs)
+        self._segresnet_kwargs = {k: v for k, v in kwargs.items() if not k.startswith("vae_")}
         self._taps: dict[str, torch.Tensor] = {}
         self.vae_fc1.register_forward_hook(self._tap("mu"))
         self.vae_fc2.register_forward_hook(self._tap("sigma_raw"))
         self.vae_conv_final.register_forward_hook(self._tap("reconstruction"))
+
+    def segmentation_network(self) -> nets.SegResNet:
+        """A plain SegResNet that shares this network's segmentation modules (no copy).
+
+        Its ``state_dict`` is the inference checkpoint: exactly the keys of ``SegResNet`` with the same arguments,
+        without the training-only VAE branch, so ``models/model.pt`` loads strictly into inference.json's network,
+        TorchScript export and MONAI Label. Loading into it loads into this network.
+        """
+        view = nets.SegResNet(**self._segresnet_kwargs)
+        for name, _ in list(view.named_children()):
+            setattr(view, name, getattr(self, name))
+        return view.train(self.training)
 
     def _tap(self, name: str):
         def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:

