@@ -1,3 +1,4 @@
+# Generated from scripts/bundle_common/data.py by scripts/sync_bundle_common.py: edit that file, not this copy.
 """Datalists for MSD-layout folders and MONAI datalist JSON files.
 
 A user brings either an MSD folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``, optional ``imagesTs/``)

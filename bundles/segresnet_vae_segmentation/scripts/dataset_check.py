@@ -1,3 +1,4 @@
+# Generated from scripts/bundle_common/dataset_check.py by scripts/sync_bundle_common.py: edit that file, not this copy.
 """Refuse a bad dataset before any compute is spent.
 
 Every image/label pair is read once with MONAI's readers (ITK or nibabel) and checked for the problems that

@@ -1,3 +1,4 @@
+# Generated from scripts/bundle_common/training.py by scripts/sync_bundle_common.py: edit that file, not this copy.
 """Ignite pieces every method bundle needs and MONAI does not ship: per-term loss logging, per-class Dice,
 HD95 in millimetres, and finding the checkpoint to resume from."""
 

@@ -1,0 +1,397 @@
+"""What the VAE branch of the SegResNet-VAE bundle costs, against a plain SegResNet with the same settings.
+
+Measured in one run, on synthetic data:
+
+1. training step time (forward, loss, backward, Adam step): the bundle's ``scripts.vae.SegResNetVAE`` with
+   ``SegResNetVAELoss`` (Dice + 0.1 L2 + 0.1 KL) against ``monai.networks.nets.SegResNet`` with the same loss fed
+   plain logits, which makes it Dice only. The two models alternate step by step, so machine noise hits both;
+2. peak memory of a training step, each model in a fresh subprocess;
+3. sliding-window inference time per volume: the VAE network in eval mode against the plain SegResNet that
+   inference.json builds, loaded with the VAE network's exported weights (the times should be equal);
+4. parameter counts.
+
+Network, loss, optimizer and sliding-window settings are read from the bundle's configs/train.json; the options
+below override the size-related ones. Prints the machine first and a markdown table for the docs last.
+
+    .venv/bin/python scripts/benchmark_segresnet_vae.py
+    .venv/bin/python scripts/benchmark_segresnet_vae.py --device cuda --init-filters 32 --json vae_bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "segresnet_vae_segmentation"
+# Position 0: the bundle's ``scripts`` package must win over this repository's top-level scripts/ folder.
+sys.path.insert(0, str(BUNDLE))
+
+import torch  # noqa: E402
+from monai.inferers import SlidingWindowInferer  # noqa: E402
+from monai.networks import nets  # noqa: E402
+
+from scripts.vae import SegResNetVAE, SegResNetVAELoss  # noqa: E402
+
+# The bundle reads the class count from the datalist; 3 is the tissue task's (background, grey and white matter).
+NUM_CLASSES = 3
+# Adam allocates its state on the first step, so the peak of a training step is reached by the second.
+MEMORY_STEPS = 2
+SEED = 0
+VAE, PLAIN = "SegResNetVAE", "SegResNet"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything one benchmark run depends on; picklable, so that memory subprocesses get the same."""
+
+    device: str
+    amp: bool
+    iters: int
+    warmup: int
+    roi: tuple[int, ...]
+    volume: tuple[int, ...]
+    init_filters: int
+    in_channels: int
+    blocks_down: tuple[int, ...]
+    blocks_up: tuple[int, ...]
+    vae_nz: int
+    vae_estimate_std: bool
+    dropout_prob: float
+    learning_rate: float
+    weight_decay: float
+    l2_weight: float
+    kl_weight: float
+    sw_batch_size: int
+    sw_overlap: float
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Interleaved timings of the two models, in milliseconds."""
+
+    median_ms: dict[str, float]
+    min_ms: dict[str, float]
+    max_ms: dict[str, float]
+    ratio_of_medians: float
+    median_paired_ratio: float
+
+
+def load_train_config() -> dict:
+    return json.loads((BUNDLE / "configs" / "train.json").read_text())
+
+
+def parse_args(argv: Sequence[str] | None, config: dict) -> tuple[Settings, Path | None]:
+    """The run's settings (train.json's, overridden by the options) and where to write JSON, if anywhere."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--iters", type=int, default=10, help="timed training steps and volumes per model")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps and volumes per model first")
+    parser.add_argument("--roi", type=int, nargs=3, default=config["roi_size"], help="training crop = VAE input")
+    parser.add_argument("--init-filters", type=int, default=config["init_filters"], help="32 in the paper")
+    parser.add_argument("--volume", type=int, nargs=3, default=(96, 112, 96),
+                        help="inference volume (default: the MNI brain at 2 mm)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="autocast + GradScaler as the bundle's trainer (default: on for CUDA; CUDA only)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device available")
+    amp = device == "cuda" if args.amp is None else args.amp
+    if amp and device != "cuda":
+        parser.error("--amp needs CUDA (the bundle enables AMP only there)")
+    # The bundle's rule (scripts.vae.check_training_crop): the VAE's dense layers see the crop / 2**len(blocks_down).
+    factor = 2 ** len(config["blocks_down"])
+    if any(s % factor for s in args.roi):
+        parser.error(f"--roi {args.roi}: every size must be divisible by {factor}")
+    if args.iters < 1 or args.warmup < 0:
+        parser.error("--iters must be >= 1 and --warmup >= 0")
+
+    return Settings(
+        device=device, amp=amp, iters=args.iters, warmup=args.warmup, roi=tuple(args.roi),
+        volume=tuple(args.volume), init_filters=args.init_filters, in_channels=config["in_channels"],
+        blocks_down=tuple(config["blocks_down"]), blocks_up=tuple(config["blocks_up"]), vae_nz=config["vae_nz"],
+        vae_estimate_std=config["vae_estimate_std"], dropout_prob=config["dropout_prob"],
+        learning_rate=config["learning_rate"], weight_decay=config["weight_decay"],
+        l2_weight=config["l2_weight"], kl_weight=config["kl_weight"], sw_batch_size=config["sw_batch_size"],
+        sw_overlap=config["sw_overlap"],
+    ), args.json
+
+
+def segresnet_kwargs(s: Settings) -> dict:
+    """Arguments shared by the training network and inference.json's network."""
+    return {"spatial_dims": 3, "init_filters": s.init_filters, "in_channels": s.in_channels,
+            "out_channels": NUM_CLASSES, "blocks_down": s.blocks_down, "blocks_up": s.blocks_up}
+
+
+def build_model(s: Settings, name: str) -> torch.nn.Module:
+    """The training network of ``name``, as train.json builds it (the plain one with the same dropout)."""
+    if name == VAE:
+        return SegResNetVAE(input_image_size=s.roi, vae_nz=s.vae_nz, vae_estimate_std=s.vae_estimate_std,
+                            dropout_prob=s.dropout_prob, **segresnet_kwargs(s))
+    return nets.SegResNet(dropout_prob=s.dropout_prob, **segresnet_kwargs(s))
+
+
+class TrainStep:
+    """One training iteration of a model on a fixed synthetic batch, as MONAI's SupervisedTrainer runs it."""
+
+    def __init__(self, model: torch.nn.Module, s: Settings) -> None:
+        device = torch.device(s.device)
+        self.model = model.to(device).train()
+        self.loss = SegResNetVAELoss(l2_weight=s.l2_weight, kl_weight=s.kl_weight)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=s.learning_rate, weight_decay=s.weight_decay)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=s.amp)
+        self.device_type, self.amp = device.type, s.amp
+        self.image = torch.randn(1, s.in_channels, *s.roi, device=device)
+        self.label = torch.randint(0, NUM_CLASSES, (1, 1, *s.roi), device=device).float()
+
+    def forward_loss(self) -> torch.Tensor:
+        with torch.autocast(self.device_type, enabled=self.amp):
+            return self.loss(self.model(self.image), self.label)
+
+    def __call__(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(self.forward_loss()).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+
+def sync(device: str) -> None:
+    """Wait for queued CUDA kernels, so that a wall-clock time covers the work (no-op on CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_once(fn: Callable[[], object], device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return (time.perf_counter() - start) * 1000
+
+
+def interleaved_timing(fns: dict[str, Callable[[], object]], s: Settings) -> Timing:
+    """Warm both up, then time them in alternation, swapping the order each round so that neither always runs
+    right after the other; the per-round ratio compares two runs that saw the same machine load."""
+    names = list(fns)
+    for _ in range(s.warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(s.iters):
+        for name in names if round_ % 2 == 0 else reversed(names):
+            times[name].append(time_once(fns[name], s.device))
+    first, second = names
+    return Timing(
+        median_ms={n: statistics.median(t) for n, t in times.items()},
+        min_ms={n: min(t) for n, t in times.items()},
+        max_ms={n: max(t) for n, t in times.items()},
+        ratio_of_medians=statistics.median(times[first]) / statistics.median(times[second]),
+        median_paired_ratio=statistics.median(a / b for a, b in zip(times[first], times[second])),
+    )
+
+
+def step_memory_in_child(s: Settings, name: str) -> float:
+    """Run in a fresh process: memory growth in MiB over a few training steps, from just after the model, its
+    optimizer and the batch exist (weights excluded; gradients, Adam state, activations and scratch included)."""
+    torch.manual_seed(SEED)
+    step = TrainStep(build_model(s, name), s)
+    if s.device == "cuda":
+        sync(s.device)
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(MEMORY_STEPS):
+            step()
+        sync(s.device)
+        return (torch.cuda.max_memory_allocated() - baseline) / 2**20
+    baseline_kib = proc_status_kib("VmRSS")
+    # Reset the high-water mark to the current RSS: the process-lifetime peak would include importing torch, and
+    # ru_maxrss of a spawned child even starts at the parent's peak (Linux carries it across exec).
+    Path("/proc/self/clear_refs").write_text("5")
+    for _ in range(MEMORY_STEPS):
+        step()
+    return (proc_status_kib("VmHWM") - baseline_kib) / 1024
+
+
+def proc_status_kib(field: str) -> int:
+    """A memory field of /proc/self/status, in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def step_memory(s: Settings) -> dict[str, float]:
+    """Peak training-step memory of each model in MiB, each in its own spawned process: in one process, memory
+    the allocator kept from the first model would serve the second and hide part of its peak."""
+    context = multiprocessing.get_context("spawn")
+    mib = {}
+    for name in (VAE, PLAIN):
+        with context.Pool(1) as pool:
+            mib[name] = pool.apply(step_memory_in_child, (s, name))
+    return mib
+
+
+def saved_for_backward_mib(step: TrainStep) -> float:
+    """MiB of activations autograd keeps for the backward pass of one forward + loss (parameters excluded;
+    storages counted once). Allocator- and device-independent, so it shows the VAE branch's share of training
+    memory even where the CPU peak RSS is dominated by convolution scratch buffers."""
+    parameters = {p.untyped_storage().data_ptr() for p in step.model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step.forward_loss()
+    return sum(storages.values()) / 2**20
+
+
+def inference_network(s: Settings, vae: SegResNetVAE) -> nets.SegResNet:
+    """inference.json's network (no dropout argument) loaded strictly with the VAE network's exported weights,
+    which fails if the export is not exactly a plain SegResNet."""
+    plain = nets.SegResNet(**segresnet_kwargs(s))
+    plain.load_state_dict(vae.segmentation_network().state_dict(), strict=True)
+    return plain.to(s.device).eval()
+
+
+def sliding_window_runs(s: Settings, vae: SegResNetVAE) -> dict[str, Callable[[], torch.Tensor]]:
+    """One whole-volume sliding-window prediction per model, as the bundle's validation and inference run it."""
+    inferer = SlidingWindowInferer(roi_size=s.roi, sw_batch_size=s.sw_batch_size, overlap=s.sw_overlap,
+                                   mode="gaussian")
+    volume = torch.randn(1, s.in_channels, *s.volume, device=s.device)
+    models = {VAE: vae.to(s.device).eval(), PLAIN: inference_network(s, vae)}
+
+    def run(model: torch.nn.Module) -> Callable[[], torch.Tensor]:
+        def infer() -> torch.Tensor:
+            with torch.inference_mode(), torch.autocast(s.device, enabled=s.amp):
+                return inferer(volume, model)
+        return infer
+
+    return {name: run(model) for name, model in models.items()}
+
+
+def max_output_difference(runs: dict[str, Callable[[], torch.Tensor]]) -> float:
+    """Largest absolute logit difference between the two inference runs: 0 when eval-mode VAE = SegResNet."""
+    return (runs[VAE]().float() - runs[PLAIN]().float()).abs().max().item()
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def parameter_counts(vae: SegResNetVAE, s: Settings) -> dict[str, int]:
+    return {
+        VAE: count_parameters(vae),
+        "exported inference model": count_parameters(vae.segmentation_network()),
+        PLAIN: count_parameters(nets.SegResNet(**segresnet_kwargs(s))),
+    }
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # not Linux: fall back below
+    return platform.processor() or platform.machine()
+
+
+def machine(s: Settings) -> dict[str, object]:
+    return {
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if s.device == "cuda" else None,
+        "device": s.device,
+        "amp": s.amp,
+    }
+
+
+def print_timing(title: str, unit: str, timing: Timing) -> None:
+    print(f"{title} ({unit}):")
+    for name, median in timing.median_ms.items():
+        print(f"  {name:<13} median {median:8.1f}  min {timing.min_ms[name]:8.1f}  max {timing.max_ms[name]:8.1f}")
+    print(f"  VAE/plain: ratio of medians {timing.ratio_of_medians:.2f}, median paired ratio "
+          f"{timing.median_paired_ratio:.2f}")
+
+
+def markdown_table(s: Settings, train: Timing, memory: dict[str, float], memory_method: str, infer: Timing,
+                   params: dict[str, int], info: dict[str, object]) -> str:
+    where = info["gpu"] or f"{info['cpu']}, {info['torch_threads']} threads"
+    memory_kind = "GPU peak allocated" if s.device == "cuda" else "peak RSS growth"
+    rows = [
+        (f"training step, batch 1, roi {'x'.join(map(str, s.roi))} (ms, median of {s.iters})",
+         train.median_ms[VAE], train.median_ms[PLAIN], train.ratio_of_medians, ".0f"),
+        (f"training-step memory, {memory_kind} (MiB)", memory[VAE], memory[PLAIN], memory[VAE] / memory[PLAIN], ".0f"),
+        (f"sliding-window inference, {'x'.join(map(str, s.volume))} volume (ms, median of {s.iters})",
+         infer.median_ms[VAE], infer.median_ms[PLAIN], infer.ratio_of_medians, ".0f"),
+        ("parameters", params[VAE], params[PLAIN], params[VAE] / params[PLAIN], ","),
+    ]
+    lines = [
+        f"Device: {where}; torch {info['torch']}; init_filters {s.init_filters}; AMP {'on' if s.amp else 'off'}; "
+        f"memory: {memory_method}.",
+        "",
+        "| | SegResNetVAE (training network) | SegResNet (same settings) | VAE / plain |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {label} | {vae:{fmt}} | {plain:{fmt}} | {ratio:.2f} |" for label, vae, plain, ratio, fmt in rows]
+    lines.append(f"\nThe exported inference model (`segmentation_network()`, models/model.pt) is the plain SegResNet: "
+                 f"{params['exported inference model']:,} parameters.")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    started = time.perf_counter()
+    s, json_path = parse_args(argv, load_train_config())
+    info = machine(s)
+    print("Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+
+    torch.manual_seed(SEED)
+    steps = {name: TrainStep(build_model(s, name), s) for name in (VAE, PLAIN)}
+    train = interleaved_timing(steps, s)
+    print_timing("Training step", "ms", train)
+
+    memory, memory_method = step_memory(s)
+    print(f"Training-step memory (MiB): {VAE} {memory[VAE]:.0f}, {PLAIN} {memory[PLAIN]:.0f} [{memory_method}]")
+
+    vae = steps[VAE].model
+    runs = sliding_window_runs(s, vae)
+    difference = max_output_difference(runs)
+    infer = interleaved_timing(runs, s)
+    print_timing("Sliding-window inference per volume", "ms", infer)
+    print(f"  max |logit difference| eval-mode VAE vs exported SegResNet: {difference:.3g}")
+
+    params = parameter_counts(vae, s)
+    print("Parameters: " + ", ".join(f"{name} {count:,}" for name, count in params.items()))
+
+    wall_s = time.perf_counter() - started
+    print(f"\nWall time {wall_s:.0f} s\n")
+    print(markdown_table(s, train, memory, memory_method, infer, params, info))
+
+    if json_path is not None:
+        results = {"machine": info, "settings": asdict(s), "training_step": asdict(train),
+                   "training_step_memory_mib": memory, "memory_method": memory_method,
+                   "sliding_window_inference": asdict(infer), "max_inference_logit_difference": difference,
+                   "parameters": params, "wall_s": wall_s}
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Shared fixtures: the repository, synthetic MSD datasets on disk, and running a bundle through its real CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLES = REPO / "bundles"
+VAE_BUNDLE = BUNDLES / "segresnet_vae_segmentation"
+SCHEMA = REPO.parent / "shared" / "schema" / "meta_schema_20240725.json"
+SCHEMA_MD5 = "06954cad2cc5d3784e72077ac76f0fc8"
+
+
+def load_module(path: Path, name: str | None = None) -> ModuleType:
+    """Import one file under a unique name, so that every bundle's ``scripts`` can be tested in one process."""
+    name = name or "_".join(path.with_suffix("").parts[-3:])
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_bundle(bundle: Path, config_files: list[str], *overrides: str, run_id: str | None = None,
+               check: bool = True, timeout: int = 600, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run`` in the bundle folder, as a user runs it; output captured as text."""
+    configs = config_files[0] if len(config_files) == 1 else "[" + ",".join(f"'{c}'" for c in config_files) + "]"
+    cmd = [*(launcher or [sys.executable]), "-m", "monai.bundle", "run", *([run_id] if run_id else []),
+           "--config_file", configs, "--meta_file", "configs/metadata.json",
+           "--logging_file", "configs/logging.conf", *overrides]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=bundle, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def make_dataset_module() -> ModuleType:
+    return load_module(REPO / "scripts" / "make_dataset.py", "make_dataset_tool")
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(make_dataset_module, tmp_path_factory) -> Path:
+    """7 synthetic cases of 32^3 with 3 classes: 4 training, 2 validation, 1 test."""
+    out = tmp_path_factory.mktemp("data") / "synthetic"
+    info = make_dataset_module.make_dataset("synthetic", out, num_cases=7, size=32, num_classes=3, seed=1)
+    return info.path

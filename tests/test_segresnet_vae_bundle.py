@@ -1,0 +1,203 @@
+"""The SegResNet-VAE bundle end to end through MONAI's bundle CLI: configs, training and resume, evaluation,
+inference, TorchScript export, model-zoo checks and 2-process DDP on CPU (gloo)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import SCHEMA, SCHEMA_MD5, VAE_BUNDLE, run_bundle
+from monai.bundle import ConfigWorkflow
+
+TINY = ["--roi_size", "[32,32,32]", "--spacing", "[1.5,1.5,1.5]", "--num_workers", "0", "--progress_bar", "False"]
+TRAIN = ["configs/train.json"]
+EVALUATE = ["configs/train.json", "configs/evaluate.json"]
+INFER = ["configs/inference.json"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synthetic_dataset):
+    """One short training run (2 epochs) whose outputs the other tests read."""
+    root = tmp_path_factory.mktemp("vae_run")
+    proc = run_bundle(VAE_BUNDLE, TRAIN, "--bundle_root", str(root), "--dataset_dir", str(synthetic_dataset),
+                      "--max_epochs", "2", *TINY, run_id="training")
+    return root, proc.stdout + proc.stderr
+
+
+def test_configs_parse_and_instantiate(synthetic_dataset, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(VAE_BUNDLE))
+    for config_file, workflow_type, ids in (
+        (VAE_BUNDLE / "configs/train.json", "train", ["network", "loss", "train#trainer", "validate#evaluator"]),
+        (VAE_BUNDLE / "configs/inference.json", "infer", ["network", "evaluator"]),
+    ):
+        workflow = ConfigWorkflow(config_file=str(config_file), meta_file=str(VAE_BUNDLE / "configs/metadata.json"),
+                                  workflow_type=workflow_type, bundle_root=str(tmp_path),
+                                  dataset_dir=str(synthetic_dataset), roi_size=[32, 32, 32], num_workers=0)
+        workflow.initialize()
+        assert workflow.check_properties() == []
+        for id_ in ids:
+            assert workflow.parser.get_parsed_content(id_) is not None, id_
+    for extra in ("evaluate.json", "multi_gpu_train.json"):
+        json.loads((VAE_BUNDLE / "configs" / extra).read_text())
+
+
+def test_training_writes_model_and_checkpoint(trained):
+    root, log = trained
+    assert (root / "models/model.pt").is_file()
+    assert (root / "models/checkpoint_epoch=2.pt").is_file()
+    for term in ("train_dice", "train_l2", "train_kl", "train_total", "val_mean_dice", "val_dice_class_1"):
+        assert term in log, term
+    assert list(root.glob("eval/events.out.tfevents.*")), "no TensorBoard log"
+
+
+def test_model_pt_is_a_plain_segresnet_state_dict(trained, monkeypatch):
+    from monai.networks.nets import SegResNet
+
+    root, _ = trained
+    state = torch.load(root / "models/model.pt", weights_only=True)
+    assert not [k for k in state if k.startswith("vae_")]
+    SegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=3).load_state_dict(state, strict=True)
+
+
+def test_resume_continues_from_last_checkpoint_with_mlflow(trained, synthetic_dataset, tmp_path):
+    root, _ = trained
+    resumed = tmp_path / "resumed"
+    shutil.copytree(root, resumed)
+    proc = run_bundle(VAE_BUNDLE, TRAIN, "--bundle_root", str(resumed), "--dataset_dir", str(synthetic_dataset),
+                      "--max_epochs", "3", "--tracking", "mlflow", *TINY, run_id="training")
+    log = proc.stdout + proc.stderr
+    assert "resuming from iteration" in log and "epoch 2 until 3 epochs" in log, log[-2000:]
+    assert "Epoch[1]" not in log, [l for l in log.splitlines() if "Epoch[1]" in l]  # epochs 1-2 not retrained
+    assert (resumed / "models/checkpoint_epoch=3.pt").is_file()
+    assert (resumed / "eval/mlruns.db").stat().st_size > 0, "no MLflow run recorded"
+
+
+def test_evaluate_writes_per_class_metrics(trained, synthetic_dataset):
+    root, _ = trained
+    proc = run_bundle(VAE_BUNDLE, EVALUATE, "--bundle_root", str(root), "--dataset_dir", str(synthetic_dataset), *TINY)
+    assert "val_hd95" in proc.stdout + proc.stderr
+    for metric in ("val_mean_dice", "val_hd95"):
+        with open(root / f"eval/{metric}_raw.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 2  # the two validation cases
+        assert set(rows[0]) == {"filename", "class0", "class1", "mean"}  # per foreground class and per case
+    dice = [float(r["mean"]) for r in csv.DictReader(open(root / "eval/val_mean_dice_raw.csv"))]
+    assert all(0.0 <= d <= 1.0 for d in dice)
+
+
+def test_evaluate_on_held_out_test_split(trained, synthetic_dataset):
+    root, _ = trained
+    run_bundle(VAE_BUNDLE, EVALUATE, "--bundle_root", str(root), "--dataset_dir", str(synthetic_dataset),
+               "--eval_split", "test", *TINY)
+    rows = list(csv.DictReader(open(root / "eval/val_mean_dice_raw.csv")))
+    assert [r["filename"].split("/")[-2] for r in rows] == ["imagesTs"]
+
+
+def test_inference_writes_nifti_with_input_geometry(trained, synthetic_dataset, tmp_path):
+    root, _ = trained
+    out = tmp_path / "pred"
+    run_bundle(VAE_BUNDLE, INFER, "--bundle_root", str(root), "--dataset_dir", str(synthetic_dataset),
+               "--output_dir", str(out), *TINY)
+    for image_path in sorted((synthetic_dataset / "imagesTs").glob("*.nii.gz")):
+        image = nib.load(image_path)
+        pred = nib.load(out / image_path.name.replace(".nii.gz", "_seg.nii.gz"))
+        assert pred.shape == image.shape
+        np.testing.assert_allclose(pred.affine, image.affine, atol=1e-4)
+        assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
+
+
+def test_inference_refuses_to_write_into_the_input_folder(trained, synthetic_dataset):
+    root, _ = trained
+    before = sorted(p.name for p in (synthetic_dataset / "imagesTs").iterdir())
+    proc = run_bundle(VAE_BUNDLE, INFER, "--bundle_root", str(root), "--dataset_dir", str(synthetic_dataset),
+                      "--output_dir", str(synthetic_dataset / "imagesTs"), *TINY, check=False)
+    assert proc.returncode != 0
+    assert "is an input folder" in proc.stderr
+    assert sorted(p.name for p in (synthetic_dataset / "imagesTs").iterdir()) == before
+
+
+def test_torchscript_export_matches_eager(trained, tmp_path):
+    from monai.networks.nets import SegResNet
+
+    root, _ = trained
+    ts_path = tmp_path / "model.ts"
+    subprocess.run([sys.executable, "-m", "monai.bundle", "ckpt_export", "--net_id", "network_def",
+                    "--filepath", str(ts_path), "--ckpt_file", str(root / "models/model.pt"),
+                    "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
+                    "--bundle_root", "."], cwd=VAE_BUNDLE, check=True, capture_output=True)
+    scripted = torch.jit.load(str(ts_path)).eval()
+    eager = SegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=3).eval()
+    eager.load_state_dict(torch.load(root / "models/model.pt", weights_only=True))
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), eager(x), rtol=1e-4, atol=1e-5)
+
+
+def test_verify_net_in_out():
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "--net_id", "network_def",
+                           "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
+                           "--bundle_root", ".", "--n", "2"], cwd=VAE_BUNDLE, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "verified with no error" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("drop_key", [None, "required_packages_version"])
+def test_verify_metadata_offline(tmp_path, drop_key):
+    meta = json.loads((VAE_BUNDLE / "configs/metadata.json").read_text())
+    assert meta["version"] in meta["changelog"]
+    if drop_key:
+        del meta[drop_key]
+    meta_file = tmp_path / "metadata.json"
+    meta_file.write_text(json.dumps(meta))
+    schema = tmp_path / "schema.json"
+    shutil.copy(SCHEMA, schema)
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(meta_file),
+                           "--filepath", str(schema), "--hash_val", SCHEMA_MD5], capture_output=True, text=True)
+    output = proc.stdout + proc.stderr
+    if drop_key:
+        assert proc.returncode != 0 and f"'{drop_key}' is a required property" in output
+    else:
+        assert proc.returncode == 0 and "metadata is verified with no error" in output, output[-2000:]
+
+
+def test_two_process_ddp_training_on_cpu(synthetic_dataset, tmp_path):
+    proc = run_bundle(VAE_BUNDLE, ["configs/train.json", "configs/multi_gpu_train.json"], "--bundle_root",
+                      str(tmp_path), "--dataset_dir", str(synthetic_dataset), "--max_epochs", "1", *TINY,
+                      run_id="training",
+                      launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+                                "--nproc_per_node=2"])
+    assert (tmp_path / "models/model.pt").is_file()
+    log = proc.stdout + proc.stderr
+    assert "[rank1]" not in log or "Traceback" not in log
+    assert "backend='gloo'" not in log  # the config picked gloo itself; no override was needed
+
+
+def test_wrong_crop_is_refused_before_training(synthetic_dataset, tmp_path):
+    proc = run_bundle(VAE_BUNDLE, TRAIN, "--bundle_root", str(tmp_path), "--dataset_dir", str(synthetic_dataset),
+                      "--max_epochs", "1", *TINY, "--network_def#input_image_size", "[48,48,48]",
+                      run_id="training", check=False)
+    assert proc.returncode != 0
+    assert "training crop [32, 32, 32] (RandCropByPosNegLabeld) differs from SegResNetVAE input_image_size " \
+           "[48, 48, 48]" in proc.stderr
+    assert "Epoch[" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "models").exists()
+
+
+def test_bad_dataset_is_refused_before_training(synthetic_dataset, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(synthetic_dataset, broken)
+    label = next((broken / "labelsTr").glob("*.nii.gz"))
+    img = nib.load(label)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj).astype(np.uint8) + 5, img.affine), label)
+    proc = run_bundle(VAE_BUNDLE, TRAIN, "--bundle_root", str(tmp_path / "run"), "--dataset_dir", str(broken),
+                      "--max_epochs", "1", *TINY, run_id="training", check=False)
+    assert proc.returncode != 0
+    assert f"{label}: label values" in proc.stderr and "outside the 3 declared classes" in proc.stderr
+    assert "Epoch[" not in proc.stdout + proc.stderr
