@@ -5,7 +5,8 @@ Measured in one run, on synthetic data:
 1. training step time (forward, loss, backward, Adam step): the bundle's ``scripts.vae.SegResNetVAE`` with
    ``SegResNetVAELoss`` (Dice + 0.1 L2 + 0.1 KL) against ``monai.networks.nets.SegResNet`` with the same loss fed
    plain logits, which makes it Dice only. The two models alternate step by step, so machine noise hits both;
-2. peak memory of a training step, each model in a fresh subprocess;
+2. training memory: the peak of a training step, each model in a fresh subprocess (CUDA: peak allocated; CPU:
+   peak RSS), and the activations autograd saves for backward (exact, and the same on any device);
 3. sliding-window inference time per volume: the VAE network in eval mode against the plain SegResNet that
    inference.json builds, loaded with the VAE network's exported weights (the times should be equal);
 4. parameter counts.
@@ -47,6 +48,12 @@ NUM_CLASSES = 3
 # Adam allocates its state on the first step, so the peak of a training step is reached by the second.
 MEMORY_STEPS = 2
 SEED = 0
+MEMORY_METHODS = {
+    "cuda": f"torch.cuda.max_memory_allocated over {MEMORY_STEPS} training steps minus memory_allocated after "
+            "building model, optimizer and batch, one fresh process per model",
+    "cpu": f"peak RSS (VmHWM, reset via /proc/self/clear_refs) over {MEMORY_STEPS} training steps minus RSS after "
+           "building model, optimizer and batch, one fresh process per model",
+}
 VAE, PLAIN = "SegResNetVAE", "SegResNet"
 
 
@@ -313,48 +320,71 @@ def cpu_model() -> str:
 
 
 def machine(s: Settings) -> dict[str, object]:
+    """What the numbers were measured on; the load average tells how much other work shared the CPU."""
     return {
         "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name() if s.device == "cuda" else None,
-        "device": s.device,
-        "amp": s.amp,
+        "load_average_1min_at_start": os.getloadavg()[0],
     }
 
 
-def print_timing(title: str, unit: str, timing: Timing) -> None:
-    print(f"{title} ({unit}):")
+@dataclass
+class Results:
+    """Everything measured; written as JSON with ``--json``."""
+
+    machine: dict[str, object]
+    settings: Settings
+    training_step: Timing
+    training_step_memory_mib: dict[str, float]
+    memory_method: str
+    saved_for_backward_mib: dict[str, float]
+    sliding_window_inference: Timing
+    max_inference_logit_difference: float
+    parameters: dict[str, int]
+    load_average_1min_at_end: float
+    wall_s: float
+
+
+def print_timing(title: str, timing: Timing) -> None:
+    print(f"{title} (ms):")
     for name, median in timing.median_ms.items():
         print(f"  {name:<13} median {median:8.1f}  min {timing.min_ms[name]:8.1f}  max {timing.max_ms[name]:8.1f}")
-    print(f"  VAE/plain: ratio of medians {timing.ratio_of_medians:.2f}, median paired ratio "
-          f"{timing.median_paired_ratio:.2f}")
+    print(f"  VAE/plain: ratio of medians {timing.ratio_of_medians:.2f}, median of paired ratios "
+          f"{timing.median_paired_ratio:.2f}", flush=True)
 
 
-def markdown_table(s: Settings, train: Timing, memory: dict[str, float], memory_method: str, infer: Timing,
-                   params: dict[str, int], info: dict[str, object]) -> str:
-    where = info["gpu"] or f"{info['cpu']}, {info['torch_threads']} threads"
-    memory_kind = "GPU peak allocated" if s.device == "cuda" else "peak RSS growth"
-    rows = [
-        (f"training step, batch 1, roi {'x'.join(map(str, s.roi))} (ms, median of {s.iters})",
-         train.median_ms[VAE], train.median_ms[PLAIN], train.ratio_of_medians, ".0f"),
-        (f"training-step memory, {memory_kind} (MiB)", memory[VAE], memory[PLAIN], memory[VAE] / memory[PLAIN], ".0f"),
-        (f"sliding-window inference, {'x'.join(map(str, s.volume))} volume (ms, median of {s.iters})",
-         infer.median_ms[VAE], infer.median_ms[PLAIN], infer.ratio_of_medians, ".0f"),
-        ("parameters", params[VAE], params[PLAIN], params[VAE] / params[PLAIN], ","),
-    ]
-    lines = [
-        f"Device: {where}; torch {info['torch']}; init_filters {s.init_filters}; AMP {'on' if s.amp else 'off'}; "
-        f"memory: {memory_method}.",
+def markdown_table(r: Results) -> str:
+    s, info = r.settings, r.machine
+    where = f"{info['gpu']} (CUDA)" if info["gpu"] else f"{info['cpu']} CPU, {info['torch_threads']} threads"
+    memory_kind = "peak allocated growth" if s.device == "cuda" else "peak RSS growth"
+
+    def row(label: str, values: dict, fmt: str, ratio: float | None = None) -> str:
+        ratio = values[VAE] / values[PLAIN] if ratio is None else ratio
+        return f"| {label} | {values[VAE]:{fmt}} | {values[PLAIN]:{fmt}} | {ratio:.2f} |"
+
+    train, infer = r.training_step, r.sliding_window_inference
+    roi, volume = "x".join(map(str, s.roi)), "x".join(map(str, s.volume))
+    return "\n".join([
+        f"{where}; torch {info['torch']}; init_filters {s.init_filters}; AMP {'on' if s.amp else 'off'}; "
+        f"1-min load average {info['load_average_1min_at_start']:.1f} at start, {r.load_average_1min_at_end:.1f} "
+        f"at end; medians of {s.iters} interleaved runs after {s.warmup} warm-up.",
         "",
         "| | SegResNetVAE (training network) | SegResNet (same settings) | VAE / plain |",
         "|---|---:|---:|---:|",
-    ]
-    lines += [f"| {label} | {vae:{fmt}} | {plain:{fmt}} | {ratio:.2f} |" for label, vae, plain, ratio, fmt in rows]
-    lines.append(f"\nThe exported inference model (`segmentation_network()`, models/model.pt) is the plain SegResNet: "
-                 f"{params['exported inference model']:,} parameters.")
-    return "\n".join(lines)
+        row(f"training step, batch 1, crop {roi} (ms)", train.median_ms, ".0f", train.ratio_of_medians),
+        row(f"training-step memory, {memory_kind} (MiB)", r.training_step_memory_mib, ".0f"),
+        row("activations saved for backward (MiB)", r.saved_for_backward_mib, ".0f"),
+        row(f"sliding-window inference, {volume} volume (ms)", infer.median_ms, ".0f", infer.ratio_of_medians),
+        row("parameters", {name: r.parameters[name] for name in (VAE, PLAIN)}, ","),
+        "",
+        f"Memory: {r.memory_method}. Inference: the VAE network in eval mode against the plain SegResNet loaded "
+        f"with its exported weights (max logit difference {r.max_inference_logit_difference:.3g}). The exported "
+        f"inference model (`segmentation_network()`, models/model.pt) is that plain SegResNet: "
+        f"{r.parameters['exported inference model']:,} parameters.",
+    ])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -362,35 +392,38 @@ def main(argv: Sequence[str] | None = None) -> None:
     s, json_path = parse_args(argv, load_train_config())
     info = machine(s)
     print("Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    print(f"Device {s.device}, AMP {s.amp}, crop {list(s.roi)}, volume {list(s.volume)}, "
+          f"init_filters {s.init_filters}, iters {s.iters}, warmup {s.warmup}", flush=True)
 
     torch.manual_seed(SEED)
     steps = {name: TrainStep(build_model(s, name), s) for name in (VAE, PLAIN)}
     train = interleaved_timing(steps, s)
-    print_timing("Training step", "ms", train)
+    print_timing("Training step", train)
+    saved = {name: saved_for_backward_mib(step) for name, step in steps.items()}
+    print(f"Activations saved for backward (MiB): {VAE} {saved[VAE]:.0f}, {PLAIN} {saved[PLAIN]:.0f}")
 
-    memory, memory_method = step_memory(s)
-    print(f"Training-step memory (MiB): {VAE} {memory[VAE]:.0f}, {PLAIN} {memory[PLAIN]:.0f} [{memory_method}]")
+    memory = step_memory(s)
+    print(f"Training-step memory (MiB): {VAE} {memory[VAE]:.0f}, {PLAIN} {memory[PLAIN]:.0f} "
+          f"[{MEMORY_METHODS[s.device]}]", flush=True)
 
     vae = steps[VAE].model
     runs = sliding_window_runs(s, vae)
     difference = max_output_difference(runs)
     infer = interleaved_timing(runs, s)
-    print_timing("Sliding-window inference per volume", "ms", infer)
-    print(f"  max |logit difference| eval-mode VAE vs exported SegResNet: {difference:.3g}")
+    print_timing("Sliding-window inference per volume", infer)
+    print(f"  max |logit difference|, eval-mode VAE vs exported SegResNet: {difference:.3g}")
 
     params = parameter_counts(vae, s)
     print("Parameters: " + ", ".join(f"{name} {count:,}" for name, count in params.items()))
 
-    wall_s = time.perf_counter() - started
-    print(f"\nWall time {wall_s:.0f} s\n")
-    print(markdown_table(s, train, memory, memory_method, infer, params, info))
-
+    results = Results(machine=info, settings=s, training_step=train, training_step_memory_mib=memory,
+                      memory_method=MEMORY_METHODS[s.device], saved_for_backward_mib=saved,
+                      sliding_window_inference=infer, max_inference_logit_difference=difference, parameters=params,
+                      load_average_1min_at_end=os.getloadavg()[0], wall_s=time.perf_counter() - started)
+    print(f"\nWall time {results.wall_s:.0f} s\n")
+    print(markdown_table(results))
     if json_path is not None:
-        results = {"machine": info, "settings": asdict(s), "training_step": asdict(train),
-                   "training_step_memory_mib": memory, "memory_method": memory_method,
-                   "sliding_window_inference": asdict(infer), "max_inference_logit_difference": difference,
-                   "parameters": params, "wall_s": wall_s}
-        json_path.write_text(json.dumps(results, indent=2) + "\n")
+        json_path.write_text(json.dumps(asdict(results), indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -170,7 +170,8 @@ def read_raw_metric(path: Path) -> list[float]:
 def print_metrics(eval_dir: Path, foreground: Sequence[str]) -> None:
     dice = read_raw_metric(eval_dir / "val_mean_dice_raw.csv")
     hd95 = read_raw_metric(eval_dir / "val_hd95_raw.csv")
-    print("\nheld-out test volume (on the 2 mm training grid):")
+    grid = " x ".join(f"{s:g}" for s in SPACING)
+    print(f"\nheld-out test volume, on the {grid} mm grid the model works on:")
     print(f"   {'class':<14}{'Dice':>8}{'HD95 (mm)':>12}")
     for name, d, h in zip([*foreground, "mean"], dice, hd95):
         print(f"   {name:<14}{d:>8.3f}{h:>12.2f}")

@@ -1,0 +1,202 @@
+"""The shared data layer: datalists (MSD and MONAI JSON), the dataset check's refusals, NRRD/MHA input, the
+real-volume dataset tool, and the bundles' copies of the shared code."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import itk
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import BUNDLES, REPO, load_module
+
+data = load_module(REPO / "scripts/bundle_common/data.py")
+check = load_module(REPO / "scripts/bundle_common/dataset_check.py")
+sync = load_module(REPO / "scripts/sync_bundle_common.py")
+AFFINE = np.diag([1.5, 1.5, 1.5, 1.0])
+
+
+def save(path: Path, array: np.ndarray, affine: np.ndarray = AFFINE) -> str:
+    nib.save(nib.Nifti1Image(array, affine), path)
+    return str(path)
+
+
+@pytest.fixture
+def good_pair(tmp_path) -> dict:
+    image = np.random.RandomState(0).rand(8, 8, 8).astype(np.float32)
+    label = (image > 0.5).astype(np.uint8) + (image > 0.8)
+    return {"image": save(tmp_path / "img.nii.gz", image), "label": save(tmp_path / "lab.nii.gz", label)}
+
+
+def refusal(training: list[dict], validation: list[dict] | None = None, **kwargs) -> str:
+    with pytest.raises(check.DatasetError) as err:
+        check.check_dataset(training, validation if validation is not None else training, **{"num_classes": 3, **kwargs})
+    return str(err.value)
+
+
+def test_good_pair_passes(good_pair):
+    assert check.check_dataset([good_pair], [good_pair], num_classes=3, in_channels=1) == 2
+
+
+def test_missing_file(good_pair, tmp_path):
+    missing = str(tmp_path / "nope.nii.gz")
+    assert f"{missing}: file does not exist" in refusal([{**good_pair, "image": missing}])
+
+
+def test_unreadable_file(good_pair, tmp_path):
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not an image")
+    assert f"{broken}: cannot be read" in refusal([{**good_pair, "image": str(broken)}])
+
+
+def test_shape_mismatch(good_pair, tmp_path):
+    label = save(tmp_path / "small.nii.gz", np.zeros((8, 8, 6), np.uint8))
+    assert f"{label}: spatial shape (8, 8, 6) differs from its image {good_pair['image']}" in refusal(
+        [{**good_pair, "label": label}])
+
+
+def test_affine_mismatch(good_pair, tmp_path):
+    shifted = AFFINE.copy()
+    shifted[0, 3] = 10.0
+    label = save(tmp_path / "shifted.nii.gz", np.zeros((8, 8, 8), np.uint8), shifted)
+    assert f"{label}: affine differs from its image" in refusal([{**good_pair, "label": label}])
+
+
+def test_label_values_outside_classes(good_pair):
+    message = refusal([good_pair], num_classes=2)
+    assert f"{good_pair['label']}: label values [2] are outside the 2 declared classes 0..1" in message
+
+
+def test_nan_intensities(good_pair, tmp_path):
+    image = np.ones((8, 8, 8), np.float32)
+    image[1, 2, 3] = np.nan
+    path = save(tmp_path / "nan.nii.gz", image)
+    assert f"{path}: contains NaN or Inf intensities" in refusal([{**good_pair, "image": path}])
+
+
+def test_channel_count(good_pair, tmp_path):
+    path = save(tmp_path / "two_channels.nii.gz", np.zeros((8, 8, 8, 2), np.float32))
+    assert f"{path}: has 2 channel(s), the network expects 1" in refusal([{**good_pair, "image": path}])
+
+
+def test_fewer_cases_than_processes(good_pair):
+    assert "1 training case(s), fewer than the 2 training processes" in refusal([good_pair], world_size=2)
+
+
+def test_all_problems_reported_together(good_pair, tmp_path):
+    missing = str(tmp_path / "gone.nii.gz")
+    message = refusal([good_pair, {**good_pair, "label": missing}], num_classes=2)
+    assert missing in message and "label values [2]" in message
+
+
+@pytest.mark.parametrize("ext", ["nrrd", "mha"])
+def test_itk_formats_are_read(tmp_path, ext):
+    image = itk.image_from_array(np.random.RandomState(0).rand(6, 7, 8).astype(np.float32))
+    label = itk.image_from_array(np.ones((6, 7, 8), np.uint8) * 3)
+    for img in (image, label):
+        img.SetSpacing((1.0, 2.0, 3.0))
+    itk.imwrite(image, str(tmp_path / f"img.{ext}"))
+    itk.imwrite(label, str(tmp_path / f"lab.{ext}"))
+    pair = {"image": str(tmp_path / f"img.{ext}"), "label": str(tmp_path / f"lab.{ext}")}
+    assert f"lab.{ext}: label values [3]" in refusal([pair])
+    assert check.check_dataset([pair], [pair], num_classes=4) == 2
+
+
+def write_msd(root: Path, num_cases: int, validation: int = 0, labels: dict | None = None) -> Path:
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    cases = [{"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"} for i in range(num_cases)]
+    content = {"labels": labels or {"0": "background", "1": "organ"}, "training": cases[validation:]}
+    if validation:
+        content["validation"] = cases[:validation]
+    (root / "dataset.json").write_text(json.dumps(content))
+    return root / "dataset.json"
+
+
+def test_split_without_validation_key_is_seeded_and_disjoint(tmp_path):
+    datalist = write_msd(tmp_path, 10)
+    split = data.split_datalist(str(datalist), str(tmp_path), val_fraction=0.2, seed=3)
+    again = data.split_datalist(str(datalist), str(tmp_path), val_fraction=0.2, seed=3)
+    assert split == again and len(split["validation"]) == 2 and len(split["training"]) == 8
+    assert not {d["image"] for d in split["training"]} & {d["image"] for d in split["validation"]}
+    assert split["training"][0]["image"].startswith(str(tmp_path))  # relative paths resolved against base_dir
+
+
+def test_split_uses_validation_key(tmp_path):
+    split = data.split_datalist(str(write_msd(tmp_path, 5, validation=2)), str(tmp_path))
+    assert [Path(d["image"]).name for d in split["validation"]] == ["c0.nii.gz", "c1.nii.gz"]
+
+
+def test_monai_datalist_json_outside_the_data_folder(tmp_path):
+    write_msd(tmp_path / "data", 4)
+    datalist = tmp_path / "lists" / "my_split.json"
+    datalist.parent.mkdir()
+    shutil.move(tmp_path / "data" / "dataset.json", datalist)
+    split = data.split_datalist(str(datalist), str(tmp_path / "data"), val_fraction=0.25)
+    assert all(Path(d["image"]).parent == tmp_path / "data" / "imagesTr" for d in split["training"])
+
+
+def test_class_names_from_labels(tmp_path):
+    datalist = str(write_msd(tmp_path, 3, labels={"1": "liver", "0": "background", "2": "tumour"}))
+    assert data.read_class_names(datalist) == ["background", "liver", "tumour"]
+    assert data.read_class_names(datalist, ["bg", "x"]) == ["bg", "x"]
+
+
+def test_class_names_refusals(tmp_path):
+    with pytest.raises(ValueError, match="must be 0..N-1 without gaps"):
+        data.read_class_names(str(write_msd(tmp_path / "a", 2, labels={"0": "bg", "2": "x"})))
+    with pytest.raises(FileNotFoundError, match="does not exist: pass --dataset_dir"):
+        data.read_class_names(str(tmp_path / "none.json"))
+
+
+def test_output_dir_may_not_be_an_input_folder(tmp_path):
+    inputs = [{"image": str(tmp_path / "in" / "a.nii.gz")}]
+    with pytest.raises(ValueError, match="is an input folder"):
+        data.check_output_dir(str(tmp_path / "in"), inputs)
+    with pytest.raises(ValueError, match="no input images found"):
+        data.check_output_dir(str(tmp_path / "out"), [])
+    assert data.check_output_dir(str(tmp_path / "out"), inputs) == str(tmp_path / "out")
+
+
+def test_evaluation_on_test_split_needs_labels(tmp_path):
+    datalist = write_msd(tmp_path, 3)
+    content = json.loads(datalist.read_text())
+    content["test"] = ["./imagesTs/t0.nii.gz"]
+    datalist.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match="without a label cannot be evaluated"):
+        data.evaluation_items(str(datalist), str(tmp_path), split="test")
+
+
+def test_synthetic_dataset_tool(synthetic_dataset):
+    content = json.loads((synthetic_dataset / "dataset.json").read_text())
+    assert len(content["training"]) == 4 and len(content["validation"]) == 2 and len(content["test"]) == 1
+    split = data.split_datalist(str(synthetic_dataset / "dataset.json"), str(synthetic_dataset))
+    assert check.check_dataset(split["training"], split["validation"], num_classes=3) == 6
+
+
+def test_dataset_tool_never_overwrites_user_files(make_dataset_module, tmp_path):
+    (tmp_path / "mine.txt").write_text("precious")
+    with pytest.raises(FileExistsError):
+        make_dataset_module.make_dataset("synthetic", tmp_path, num_cases=3, size=16)
+    assert (tmp_path / "mine.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("task, num_classes", [("tissue", 3), ("brain", 2)])
+def test_real_volumes(make_dataset_module, tmp_path, task, num_classes):
+    info = make_dataset_module.make_dataset(task, tmp_path / task)
+    if info.source != "real":
+        pytest.skip(f"real volumes could not be fetched here: {info.description}")
+    datalist = str(info.path / "dataset.json")
+    split = data.split_datalist(datalist, str(info.path))
+    assert len(data.read_class_names(datalist)) == num_classes
+    assert check.check_dataset(split["training"], split["validation"], num_classes=num_classes) >= 3
+    orientations = {nib.aff2axcodes(nib.load(d["image"]).affine) for d in split["training"]}
+    assert task == "tissue" or len(orientations) > 1  # real heads keep their own orientations
+
+
+def test_bundle_copies_of_shared_code_do_not_drift():
+    assert sync.bundles() == sorted(BUNDLES.glob("*_segmentation"))
+    assert sync.drifted() == [], "run python scripts/sync_bundle_common.py"

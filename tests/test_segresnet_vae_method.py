@@ -1,0 +1,127 @@
+"""The SegResNet-VAE method code: hooks tap the right tensors, the loss terms match a hand computation of the
+paper's equations, weights of zero give the plain SegResNet, and the crop check refuses what the VAE cannot take."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import VAE_BUNDLE, load_module
+from monai.networks import nets
+from monai.transforms import Compose, RandCropByPosNegLabeld, RandSpatialCropd
+
+vae = load_module(VAE_BUNDLE / "scripts" / "vae.py")
+KWARGS = dict(spatial_dims=3, init_filters=8, in_channels=1, out_channels=3, blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1))
+ROI = (32, 32, 16)
+
+
+def make_vae(**extra) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return vae.SegResNetVAE(input_image_size=ROI, vae_nz=16, vae_estimate_std=True, **KWARGS, **extra)
+
+
+def test_train_forward_returns_logits_and_vae_outputs():
+    net = make_vae().train()
+    x = torch.randn(2, 1, *ROI)
+    logits, out = net(x)
+    assert logits.shape == (2, 3, *ROI)
+    assert out.image is x and out.reconstruction.shape == x.shape
+    assert out.mu.shape == out.sigma.shape == (2, 16) and (out.sigma > 0).all()
+
+
+def test_eval_forward_returns_logits_only():
+    net = make_vae().eval()
+    with torch.no_grad():
+        logits = net(torch.randn(1, 1, 48, 48, 32))  # any size divisible by 8 in eval mode
+    assert isinstance(logits, torch.Tensor) and logits.shape == (1, 3, 48, 48, 32)
+
+
+@pytest.mark.parametrize("estimate_std", [True, False])
+def test_taps_reproduce_monai_vae_loss(estimate_std):
+    """MONAI's merged vae_loss, recomputed from the tapped mu, sigma and reconstruction of the same forward pass."""
+    net = make_vae().train()
+    net.vae_estimate_std = estimate_std
+    x = torch.randn(2, 1, *ROI)
+    torch.manual_seed(1)
+    _, out = net(x)
+    torch.manual_seed(1)
+    _, monai_vae_loss = nets.SegResNetVAE.forward(net, x)
+    if estimate_std:
+        reg = 0.5 * torch.mean(out.mu**2 + out.sigma**2 - torch.log(1e-8 + out.sigma**2) - 1)
+    else:
+        reg = torch.mean(out.mu**2)
+    torch.testing.assert_close(reg + torch.nn.functional.mse_loss(x, out.reconstruction), monai_vae_loss)
+
+
+def test_loss_terms_match_hand_computation():
+    """Eq. (1)-(3) on fixed tensors, computed by hand in numpy."""
+    logits = torch.tensor([[[[[2.0]], [[0.0]]], [[[0.0]], [[1.0]]]]])  # (B=1, C=2, 2, 1, 1)
+    label = torch.tensor([[[[[1.0]], [[1.0]]]]])  # (1, 1, 2, 1, 1): both voxels are class 1
+    image = torch.tensor([[[[[1.0]], [[3.0]]]]])
+    recon = torch.tensor([[[[[0.0]], [[2.0]]]]])
+    mu = torch.tensor([[0.5, -1.0]])
+    sigma = torch.tensor([[1.0, 0.5]])
+    outputs = vae.VAEOutputs(image=image, reconstruction=recon, mu=mu, sigma=sigma)
+    loss = vae.SegResNetVAELoss(l2_weight=0.1, kl_weight=0.1)
+    total = loss((logits, outputs), label)
+
+    z = logits.numpy()[0, :, :, 0, 0]  # (C, voxels)
+    p = np.exp(z) / np.exp(z).sum(axis=0)
+    y = np.array([[0.0, 0.0], [1.0, 1.0]])
+    smooth = 1e-5
+    dice = np.mean([1 - (2 * (p[c] * y[c]).sum() + smooth) / ((y[c] ** 2).sum() + (p[c] ** 2).sum() + smooth)
+                    for c in range(2)])
+    l2 = ((1 - 0) ** 2 + (3 - 2) ** 2) / 2
+    kl = ((0.25 + 1 - 0 - 1) + (1 + 0.25 - np.log(0.25) - 1)) / 2  # N = 2 voxels x 1 channel
+    assert loss.terms["dice"].item() == pytest.approx(dice, rel=1e-5)
+    assert loss.terms["l2"].item() == pytest.approx(l2, rel=1e-6)
+    assert loss.terms["kl"].item() == pytest.approx(kl, rel=1e-5)
+    assert total.item() == pytest.approx(dice + 0.1 * l2 + 0.1 * kl, rel=1e-5)
+    assert loss.terms["total"].item() == pytest.approx(total.item())
+
+
+def test_zero_weights_give_the_plain_segresnet_objective():
+    net = make_vae().train()
+    plain = nets.SegResNet(**KWARGS).train()
+    plain.load_state_dict(net.segmentation_network().state_dict(), strict=True)
+    x, label = torch.randn(1, 1, *ROI), torch.randint(0, 3, (1, 1, *ROI)).float()
+    loss = vae.SegResNetVAELoss(l2_weight=0.0, kl_weight=0.0)
+    loss(net(x), label).backward()
+    loss(plain(x), label).backward()
+    assert set(loss.terms) == {"dice", "total"}  # plain logits: Dice only
+    plain_grads = dict(plain.named_parameters())
+    for name, param in net.named_parameters():
+        if name.startswith("vae_"):
+            assert param.grad is None or not param.grad.any(), name
+        else:
+            torch.testing.assert_close(param.grad, plain_grads[name].grad, rtol=1e-4, atol=1e-6)
+
+
+def test_segmentation_network_shares_parameters():
+    net = make_vae()
+    view = net.segmentation_network()
+    assert set(view.state_dict()) == set(nets.SegResNet(**KWARGS).state_dict())
+    with torch.no_grad():
+        view.convInit.conv.weight.fill_(0.5)
+    assert (net.convInit.conv.weight == 0.5).all()
+
+
+def crop_pipeline(size) -> Compose:
+    return Compose([RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=size)])
+
+
+def test_crop_check_accepts_the_input_image_size():
+    assert vae.check_training_crop(make_vae(), crop_pipeline(ROI)) == ROI
+    assert vae.check_training_crop(make_vae(), Compose([RandSpatialCropd(keys="image", roi_size=ROI)])) == ROI
+
+
+def test_crop_check_refuses_another_crop():
+    with pytest.raises(ValueError, match=r"training crop \[32, 32, 32\] \(RandCropByPosNegLabeld\) differs from "
+                                         r"SegResNetVAE input_image_size \[32, 32, 16\]"):
+        vae.check_training_crop(make_vae(), crop_pipeline((32, 32, 32)))
+
+
+def test_crop_check_refuses_sizes_the_encoder_cannot_halve():
+    net = vae.SegResNetVAE(input_image_size=(40, 32, 32), **KWARGS)
+    with pytest.raises(ValueError, match=r"input_image_size \[40, 32, 32\] must be divisible by 16"):
+        vae.check_training_crop(net, crop_pipeline((40, 32, 32)))
