@@ -63,6 +63,7 @@ class Settings:
 
     device: str
     amp: bool
+    threads: int
     iters: int
     warmup: int
     roi: tuple[int, ...]
@@ -109,6 +110,8 @@ def parse_args(argv: Sequence[str] | None, config: dict) -> tuple[Settings, Path
                         help="inference volume (default: the MNI brain at 2 mm)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="autocast + GradScaler as the bundle's trainer (default: on for CUDA; CUDA only)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch CPU threads (default: torch's, one per core); 1 is far steadier on a busy machine")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -122,11 +125,11 @@ def parse_args(argv: Sequence[str] | None, config: dict) -> tuple[Settings, Path
     factor = 2 ** len(config["blocks_down"])
     if any(s % factor for s in args.roi):
         parser.error(f"--roi {args.roi}: every size must be divisible by {factor}")
-    if args.iters < 1 or args.warmup < 0:
-        parser.error("--iters must be >= 1 and --warmup >= 0")
+    if args.iters < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--iters and --threads must be >= 1, --warmup >= 0")
 
     return Settings(
-        device=device, amp=amp, iters=args.iters, warmup=args.warmup, roi=tuple(args.roi),
+        device=device, amp=amp, threads=args.threads, iters=args.iters, warmup=args.warmup, roi=tuple(args.roi),
         volume=tuple(args.volume), init_filters=args.init_filters, in_channels=config["in_channels"],
         blocks_down=tuple(config["blocks_down"]), blocks_up=tuple(config["blocks_up"]), vae_nz=config["vae_nz"],
         vae_estimate_std=config["vae_estimate_std"], dropout_prob=config["dropout_prob"],
@@ -134,6 +137,12 @@ def parse_args(argv: Sequence[str] | None, config: dict) -> tuple[Settings, Path
         l2_weight=config["l2_weight"], kl_weight=config["kl_weight"], sw_batch_size=config["sw_batch_size"],
         sw_overlap=config["sw_overlap"],
     ), args.json
+
+
+def configure_torch(s: Settings) -> None:
+    """Seed and thread count, in the main process and in each memory subprocess alike."""
+    torch.manual_seed(SEED)
+    torch.set_num_threads(s.threads)
 
 
 def segresnet_kwargs(s: Settings) -> dict:
@@ -212,7 +221,7 @@ def interleaved_timing(fns: dict[str, Callable[[], object]], s: Settings) -> Tim
 def step_memory_in_child(s: Settings, name: str) -> float:
     """Run in a fresh process: memory growth in MiB over a few training steps, from just after the model, its
     optimizer and the batch exist (weights excluded; gradients, Adam state, activations and scratch included)."""
-    torch.manual_seed(SEED)
+    configure_torch(s)
     step = TrainStep(build_model(s, name), s)
     if s.device == "cuda":
         sync(s.device)
@@ -390,12 +399,12 @@ def markdown_table(r: Results) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     s, json_path = parse_args(argv, load_train_config())
+    configure_torch(s)
     info = machine(s)
     print("Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     print(f"Device {s.device}, AMP {s.amp}, crop {list(s.roi)}, volume {list(s.volume)}, "
           f"init_filters {s.init_filters}, iters {s.iters}, warmup {s.warmup}", flush=True)
 
-    torch.manual_seed(SEED)
     steps = {name: TrainStep(build_model(s, name), s) for name in (VAE, PLAIN)}
     train = interleaved_timing(steps, s)
     print_timing("Training step", train)
