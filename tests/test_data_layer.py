@@ -105,6 +105,24 @@ def test_itk_formats_are_read(tmp_path, ext):
     assert check.check_dataset([pair], [pair], num_classes=4) == 2
 
 
+def write_dicom_series(folder: Path, array: np.ndarray) -> str:
+    folder.mkdir()
+    image_type = itk.Image[itk.SS, 3]
+    writer = itk.ImageSeriesWriter[image_type, itk.Image[itk.SS, 2]].New(
+        Input=itk.image_from_array(array.astype(np.int16)), ImageIO=itk.GDCMImageIO.New(),
+        FileNames=[str(folder / f"slice{i:03d}.dcm") for i in range(array.shape[0])])
+    writer.Update()
+    return str(folder)
+
+
+def test_dicom_series_are_read(tmp_path):
+    image = (np.random.RandomState(0).rand(5, 7, 8) * 1000).astype(np.int16)
+    pair = {"image": write_dicom_series(tmp_path / "image", image),
+            "label": write_dicom_series(tmp_path / "label", (image > 500).astype(np.int16))}
+    assert check.check_dataset([pair], [pair], num_classes=2) == 2
+    assert f"{pair['label']}: label values [1]" in refusal([pair], num_classes=1)
+
+
 def write_msd(root: Path, num_cases: int, validation: int = 0, labels: dict | None = None) -> Path:
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
