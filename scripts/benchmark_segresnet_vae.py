@@ -12,7 +12,8 @@ Measured in one run, on synthetic data:
 4. parameter counts.
 
 Network, loss, optimizer and sliding-window settings are read from the bundle's configs/train.json; the options
-below override the size-related ones. Prints the machine first and a markdown table for the docs last.
+below override the size-related ones. Runs one torch thread by default (``--threads``): steady timings on a shared
+machine. Prints the machine first and a markdown table for the docs last.
 
     .venv/bin/python scripts/benchmark_segresnet_vae.py
     .venv/bin/python scripts/benchmark_segresnet_vae.py --device cuda --init-filters 32 --json vae_bench.json
@@ -28,7 +29,8 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,11 +50,13 @@ NUM_CLASSES = 3
 # Adam allocates its state on the first step, so the peak of a training step is reached by the second.
 MEMORY_STEPS = 2
 SEED = 0
+MMAP_THRESHOLD = 64 * 1024
 MEMORY_METHODS = {
     "cuda": f"torch.cuda.max_memory_allocated over {MEMORY_STEPS} training steps minus memory_allocated after "
             "building model, optimizer and batch, one fresh process per model",
     "cpu": f"peak RSS (VmHWM, reset via /proc/self/clear_refs) over {MEMORY_STEPS} training steps minus RSS after "
-           "building model, optimizer and batch, one fresh process per model",
+           "building model, optimizer and batch, one fresh process per model, glibc MALLOC_MMAP_THRESHOLD_="
+           f"{MMAP_THRESHOLD} so that freed memory leaves RSS",
 }
 VAE, PLAIN = "SegResNetVAE", "SegResNet"
 
@@ -85,7 +89,7 @@ class Settings:
 
 @dataclass(frozen=True)
 class Timing:
-    """Interleaved timings of the two models, in milliseconds."""
+    """Interleaved timings of two models in milliseconds; ratios are first / second (VAE / plain)."""
 
     median_ms: dict[str, float]
     min_ms: dict[str, float]
@@ -110,8 +114,11 @@ def parse_args(argv: Sequence[str] | None, config: dict) -> tuple[Settings, Path
                         help="inference volume (default: the MNI brain at 2 mm)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="autocast + GradScaler as the bundle's trainer (default: on for CUDA; CUDA only)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="torch CPU threads (default: torch's, one per core); 1 is far steadier on a busy machine")
+    # With other jobs on the cores, torch's default team of one thread per core stalls at every barrier whenever
+    # one of its threads is descheduled (2-3x slower, run-to-run spread 10x on a loaded 2-core machine); one
+    # thread is not, and the VAE/plain ratios, which are what this measures, hardly depend on the thread count.
+    parser.add_argument("--threads", type=int, default=1,
+                        help=f"torch CPU threads (default 1, steady on a shared machine; all cores: {os.cpu_count()})")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -123,7 +130,7 @@ def parse_args(argv: Sequence[str] | None, config: dict) -> tuple[Settings, Path
         parser.error("--amp needs CUDA (the bundle enables AMP only there)")
     # The bundle's rule (scripts.vae.check_training_crop): the VAE's dense layers see the crop / 2**len(blocks_down).
     factor = 2 ** len(config["blocks_down"])
-    if any(s % factor for s in args.roi):
+    if any(size % factor for size in args.roi):
         parser.error(f"--roi {args.roi}: every size must be divisible by {factor}")
     if args.iters < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--iters and --threads must be >= 1, --warmup >= 0")
@@ -248,14 +255,33 @@ def proc_status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+@contextmanager
+def environment(**variables: str) -> Iterator[None]:
+    """Set environment variables for processes started inside the block."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
 def step_memory(s: Settings) -> dict[str, float]:
     """Peak training-step memory of each model in MiB, each in its own spawned process: in one process, memory
     the allocator kept from the first model would serve the second and hide part of its peak."""
     context = multiprocessing.get_context("spawn")
     mib = {}
-    for name in (VAE, PLAIN):
-        with context.Pool(1) as pool:
-            mib[name] = pool.apply(step_memory_in_child, (s, name))
+    # glibc otherwise keeps freed blocks below a threshold it raises as it goes, so that RSS ends up following the
+    # allocation history more than live memory (+-70 MiB from run to run here, swamping the VAE's share); with
+    # every block of 64 KiB or more mapped and unmapped on its own, the peak RSS is the peak of live memory.
+    with environment(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD)):
+        for name in (VAE, PLAIN):
+            with context.Pool(1) as pool:
+                mib[name] = pool.apply(step_memory_in_child, (s, name))
     return mib
 
 
@@ -367,7 +393,8 @@ def print_timing(title: str, timing: Timing) -> None:
 
 def markdown_table(r: Results) -> str:
     s, info = r.settings, r.machine
-    where = f"{info['gpu']} (CUDA)" if info["gpu"] else f"{info['cpu']} CPU, {info['torch_threads']} threads"
+    cpu = f"{info['cpu']} CPU ({info['cpu_cores']} cores), torch threads {info['torch_threads']}"
+    where = f"{info['gpu']} (CUDA)" if info["gpu"] else cpu
     memory_kind = "peak allocated growth" if s.device == "cuda" else "peak RSS growth"
 
     def row(label: str, values: dict, fmt: str, ratio: float | None = None) -> str:
@@ -379,14 +406,15 @@ def markdown_table(r: Results) -> str:
     return "\n".join([
         f"{where}; torch {info['torch']}; init_filters {s.init_filters}; AMP {'on' if s.amp else 'off'}; "
         f"1-min load average {info['load_average_1min_at_start']:.1f} at start, {r.load_average_1min_at_end:.1f} "
-        f"at end; medians of {s.iters} interleaved runs after {s.warmup} warm-up.",
+        f"at end; times are medians of {s.iters} interleaved runs after {s.warmup} warm-up, their ratios the "
+        "median of the per-round ratios (each VAE run against the plain run beside it, under the same load).",
         "",
         "| | SegResNetVAE (training network) | SegResNet (same settings) | VAE / plain |",
         "|---|---:|---:|---:|",
-        row(f"training step, batch 1, crop {roi} (ms)", train.median_ms, ".0f", train.ratio_of_medians),
+        row(f"training step, batch 1, crop {roi} (ms)", train.median_ms, ".0f", train.median_paired_ratio),
         row(f"training-step memory, {memory_kind} (MiB)", r.training_step_memory_mib, ".0f"),
         row("activations saved for backward (MiB)", r.saved_for_backward_mib, ".0f"),
-        row(f"sliding-window inference, {volume} volume (ms)", infer.median_ms, ".0f", infer.ratio_of_medians),
+        row(f"sliding-window inference, {volume} volume (ms)", infer.median_ms, ".0f", infer.median_paired_ratio),
         row("parameters", {name: r.parameters[name] for name in (VAE, PLAIN)}, ","),
         "",
         f"Memory: {r.memory_method}. Inference: the VAE network in eval mode against the plain SegResNet loaded "
