@@ -175,8 +175,10 @@ def test_two_process_ddp_training_on_cpu(synthetic_dataset, tmp_path):
                                 "--nproc_per_node=2"])
     assert (tmp_path / "models/model.pt").is_file()
     log = proc.stdout + proc.stderr
-    assert "[rank1]" not in log or "Traceback" not in log
-    assert "backend='gloo'" not in log  # the config picked gloo itself; no override was needed
+    # DistributedSampler gives each of the 2 ranks 2 of the 4 training cases; only rank 0 logs (and with the
+    # progress bar disabled, rank 1 must still keep its ValidationHandler, or the metric all-gather hangs up).
+    assert "Iter: 2/2" in log and "Iter: 4/4" not in log
+    assert log.count("train_loss: ") == 2 and log.count("Key metric: val_mean_dice") == 1
 
 
 def test_wrong_crop_is_refused_before_training(synthetic_dataset, tmp_path):
