@@ -238,3 +238,20 @@ def test_bundle_code_imports_only_declared_packages():
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 imported.add(node.module.split(".")[0])
     assert imported - set(sys.stdlib_module_names) - {"__future__"} <= allowed
+
+
+@pytest.mark.parametrize("norm, expected", [("mr", "NormalizeIntensityd"), ("ct", "ScaleIntensityRanged")])
+def test_preprocessing_settings_reach_the_transforms(synthetic_dataset, tmp_path, monkeypatch, norm, expected):
+    monkeypatch.syspath_prepend(str(VAE_BUNDLE))
+    workflow = ConfigWorkflow(config_file=str(VAE_BUNDLE / "configs/train.json"),
+                              meta_file=str(VAE_BUNDLE / "configs/metadata.json"), workflow_type="train",
+                              bundle_root=str(tmp_path), dataset_dir=str(synthetic_dataset), intensity_norm=norm,
+                              ct_window=[-175, 250], orientation="LPS", spacing=[1.0, 1.25, 1.5], crop_pos=3)
+    workflow.initialize()
+    transforms = {type(t).__name__: t for t in workflow.parser.get_parsed_content("train#preprocessing").transforms}
+    assert expected in transforms
+    if norm == "ct":
+        assert transforms["ScaleIntensityRanged"].scaler.a_min == -175
+    assert transforms["Orientationd"].ornt_transform.axcodes == "LPS"
+    assert list(transforms["Spacingd"].spacing_transform.pixdim) == [1.0, 1.25, 1.5]
+    assert transforms["RandCropByPosNegLabeld"].cropper.pos_ratio == 0.75

@@ -51,7 +51,7 @@ def split_datalist(datalist: str, base_dir: str, val_fraction: float = 0.2, seed
     return {"training": train_part, "validation": val_part}
 
 
-def test_items(datalist: str, base_dir: str, key: str = "test") -> list[dict]:
+def held_out_items(datalist: str, base_dir: str, key: str = "test") -> list[dict]:
     """Held-out items of a datalist (MSD's ``test`` or MONAI's ``testing``), each a dict with ``image``."""
     content = _read_json(datalist)
     keys = [k for k in (key, "test", "testing") if content.get(k)]
@@ -67,7 +67,7 @@ def evaluation_items(
     ``"test"`` (held-out cases whose entries carry a ``label``)."""
     if split in ("training", "validation"):
         return split_datalist(datalist, base_dir, val_fraction, seed)[split]
-    items = test_items(datalist, base_dir, split)
+    items = held_out_items(datalist, base_dir, split)
     unlabelled = [str(item["image"]) for item in items if "label" not in item]
     if unlabelled:
         raise ValueError(f"datalist {datalist}: '{split}' cases without a label cannot be evaluated: {unlabelled[:3]}")
