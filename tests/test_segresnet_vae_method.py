@@ -125,3 +125,14 @@ def test_crop_check_refuses_sizes_the_encoder_cannot_halve():
     net = vae.SegResNetVAE(input_image_size=(40, 32, 32), **KWARGS)
     with pytest.raises(ValueError, match=r"input_image_size \[40, 32, 32\] must be divisible by 16"):
         vae.check_training_crop(net, crop_pipeline((40, 32, 32)))
+
+
+def test_segmentation_only_checkpoint_initialises_the_segmentation_modules():
+    trained, fresh = make_vae(), vae.SegResNetVAE(input_image_size=ROI, vae_nz=16, vae_estimate_std=True, **KWARGS)
+    vae_before = fresh.vae_fc1.weight.detach().clone()
+    fresh.load_state_dict(trained.segmentation_network().state_dict())  # strict, as MONAI Label's loader
+    torch.testing.assert_close(fresh.convInit.conv.weight, trained.convInit.conv.weight)
+    torch.testing.assert_close(fresh.vae_fc1.weight, vae_before)
+    incomplete = {k: v for k, v in trained.segmentation_network().state_dict().items() if k != "conv_final.2.conv.bias"}
+    with pytest.raises(RuntimeError, match="Missing key"):
+        fresh.load_state_dict(incomplete)

@@ -10,8 +10,8 @@ the latent standard deviation and the reconstruction with forward hooks on MONAI
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,16 @@ class SegResNetVAE(nets.SegResNetVAE):
         for name, _ in list(view.named_children()):
             setattr(view, name, getattr(self, name))
         return view.train(self.training)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Load a full checkpoint, or a segmentation-only one such as ``models/model.pt``.
+
+        A checkpoint without ``vae_*`` keys initialises the segmentation modules (strictly, if ``strict``) and leaves
+        the VAE branch as it is: fine-tuning from a released model, as MONAI Label's "pretrained" training does.
+        """
+        if not any(key.startswith("vae_") for key in state_dict):
+            return self.segmentation_network().load_state_dict(state_dict, strict=strict, assign=assign)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _tap(self, name: str):
         def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
