@@ -136,3 +136,8 @@ def test_segmentation_only_checkpoint_initialises_the_segmentation_modules():
     incomplete = {k: v for k, v in trained.segmentation_network().state_dict().items() if k != "conv_final.2.conv.bias"}
     with pytest.raises(RuntimeError, match="Missing key"):
         fresh.load_state_dict(incomplete)
+
+
+def test_crop_check_refuses_training_without_a_random_crop():
+    with pytest.raises(ValueError, match="no random crop"):
+        vae.check_training_crop(make_vae(), Compose([]))

@@ -17,7 +17,13 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 from monai.networks import nets
-from monai.transforms import Compose
+from monai.transforms import (
+    Compose,
+    RandCropByLabelClassesd,
+    RandCropByPosNegLabeld,
+    RandSpatialCropd,
+    RandSpatialCropSamplesd,
+)
 
 
 class VAEOutputs(NamedTuple):
@@ -144,7 +150,7 @@ class SegResNetVAELoss(torch.nn.Module):
         return total
 
 
-_RANDOM_CROPS = ("RandCropByPosNegLabeld", "RandSpatialCropd", "RandCropByLabelClassesd", "RandSpatialCropSamplesd")
+_RANDOM_CROPS = (RandCropByPosNegLabeld, RandSpatialCropd, RandCropByLabelClassesd, RandSpatialCropSamplesd)
 
 
 def check_training_crop(network: nets.SegResNetVAE, transforms: Compose) -> tuple[int, ...]:
@@ -160,9 +166,10 @@ def check_training_crop(network: nets.SegResNetVAE, transforms: Compose) -> tupl
             f"SegResNetVAE input_image_size {list(size)} must be divisible by {factor} "
             f"(2 ** len(blocks_down)) in every dimension: set --roi_size to such a size"
         )
-    crops = [t for t in transforms.flatten().transforms if type(t).__name__ in _RANDOM_CROPS]
+    crops = [t for t in transforms.flatten().transforms if isinstance(t, _RANDOM_CROPS)]
     if not crops:
-        raise ValueError(f"the training transforms have no random crop of one of {_RANDOM_CROPS}; the VAE needs one")
+        names = ", ".join(c.__name__ for c in _RANDOM_CROPS)
+        raise ValueError(f"the training transforms have no random crop ({names}); the VAE needs crops of a fixed size")
     for crop in crops:
         crop_size = tuple(int(s) for s in _spatial_size(crop))
         if crop_size != size:
