@@ -13,7 +13,6 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from monai.transforms import LoadImage
 
 
@@ -85,9 +84,8 @@ def check_dataset(
                 "each process needs at least one; add cases or start fewer processes"
             )
     loader = LoadImage(image_only=True, ensure_channel_first=True, dtype=None)
-    with torch.no_grad():
-        for item in [*training, *validation]:
-            problems.extend(_check_pair(item, num_classes, in_channels, loader))
+    for item in [*training, *validation]:
+        problems.extend(_check_pair(item, num_classes, in_channels, loader))
     if problems:
         raise DatasetError("the dataset cannot be used for training:\n  - " + "\n  - ".join(problems))
     return len(training) + len(validation)
