@@ -14,6 +14,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 BUNDLES = REPO / "bundles"
 VAE_BUNDLE = BUNDLES / "segresnet_vae_segmentation"
+SELFREG_BUNDLE = BUNDLES / "selfreg_segmentation"
+ALL_BUNDLES = sorted(p for p in BUNDLES.glob("*_segmentation") if p.is_dir())
 # MONAI's published model-zoo metadata schema (MONAI-extra-test-data 0.8.1), kept here so the check runs offline.
 SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"
 SCHEMA_MD5 = "06954cad2cc5d3784e72077ac76f0fc8"
@@ -27,6 +29,36 @@ def load_module(path: Path, name: str | None = None) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def bundle_module(bundle: Path, name: str) -> ModuleType:
+    """Import ``scripts.<name>`` of one bundle as a package under a name unique to the bundle, so that several
+    bundles' ``scripts`` (and their relative imports) coexist in one test process."""
+    package = f"{bundle.name}_scripts"
+    if package not in sys.modules:
+        init = bundle / "scripts" / "__init__.py"
+        spec = importlib.util.spec_from_file_location(package, init, submodule_search_locations=[str(init.parent)])
+        sys.modules[package] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[package])
+    return importlib.import_module(f"{package}.{name}")
+
+
+@pytest.fixture
+def bundle_on_path(monkeypatch):
+    """Put a bundle folder first on ``sys.path``, as ``monai.bundle run`` does, with no other bundle's ``scripts``
+    package cached."""
+
+    def purge():
+        for name in [n for n in sys.modules if n == "scripts" or n.startswith("scripts.")]:
+            del sys.modules[name]
+
+    def use(bundle: Path) -> Path:
+        purge()
+        monkeypatch.syspath_prepend(str(bundle))
+        return bundle
+
+    yield use
+    purge()
 
 
 def run_bundle(bundle: Path, config_files: list[str], *overrides: str, run_id: str | None = None,

@@ -1,10 +1,10 @@
 """The SegResNet-VAE bundle end to end through MONAI's bundle CLI: configs, training and resume, evaluation,
-inference, TorchScript export, model-zoo checks and 2-process DDP on CPU (gloo)."""
+inference, TorchScript export and 2-process DDP on CPU (gloo). The model-zoo checks shared by all bundles are in
+test_bundle_conventions.py."""
 
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 import subprocess
 import sys
@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import SCHEMA, SCHEMA_MD5, VAE_BUNDLE, run_bundle
+from conftest import VAE_BUNDLE, run_bundle
 from monai.bundle import ConfigWorkflow
 
 TINY = ["--roi_size", "[32,32,32]", "--spacing", "[1.5,1.5,1.5]", "--num_workers", "0", "--progress_bar", "False"]
@@ -31,23 +31,6 @@ def trained(tmp_path_factory, synthetic_dataset):
     return root, proc.stdout + proc.stderr
 
 
-def test_configs_parse_and_instantiate(synthetic_dataset, tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(VAE_BUNDLE))
-    for config_file, workflow_type, ids in (
-        (VAE_BUNDLE / "configs/train.json", "train", ["network", "loss", "train#trainer", "validate#evaluator"]),
-        (VAE_BUNDLE / "configs/inference.json", "infer", ["network", "evaluator"]),
-    ):
-        workflow = ConfigWorkflow(config_file=str(config_file), meta_file=str(VAE_BUNDLE / "configs/metadata.json"),
-                                  workflow_type=workflow_type, bundle_root=str(tmp_path),
-                                  dataset_dir=str(synthetic_dataset), roi_size=[32, 32, 32], num_workers=0)
-        workflow.initialize()
-        assert workflow.check_properties() == []
-        for id_ in ids:
-            assert workflow.parser.get_parsed_content(id_) is not None, id_
-    for extra in ("evaluate.json", "multi_gpu_train.json"):
-        json.loads((VAE_BUNDLE / "configs" / extra).read_text())
-
-
 def test_training_writes_model_and_checkpoint(trained):
     root, log = trained
     assert (root / "models/model.pt").is_file()
@@ -57,7 +40,7 @@ def test_training_writes_model_and_checkpoint(trained):
     assert list(root.glob("eval/events.out.tfevents.*")), "no TensorBoard log"
 
 
-def test_model_pt_is_a_plain_segresnet_state_dict(trained, monkeypatch):
+def test_model_pt_is_a_plain_segresnet_state_dict(trained):
     from monai.networks.nets import SegResNet
 
     root, _ = trained
@@ -140,33 +123,6 @@ def test_torchscript_export_matches_eager(trained, tmp_path):
         torch.testing.assert_close(scripted(x), eager(x), rtol=1e-4, atol=1e-5)
 
 
-def test_verify_net_in_out():
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "--net_id", "network_def",
-                           "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
-                           "--bundle_root", ".", "--n", "2"], cwd=VAE_BUNDLE, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "verified with no error" in proc.stdout + proc.stderr
-
-
-@pytest.mark.parametrize("drop_key", [None, "required_packages_version"])
-def test_verify_metadata_offline(tmp_path, drop_key):
-    meta = json.loads((VAE_BUNDLE / "configs/metadata.json").read_text())
-    assert meta["version"] in meta["changelog"]
-    if drop_key:
-        del meta[drop_key]
-    meta_file = tmp_path / "metadata.json"
-    meta_file.write_text(json.dumps(meta))
-    schema = tmp_path / "schema.json"
-    shutil.copy(SCHEMA, schema)
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(meta_file),
-                           "--filepath", str(schema), "--hash_val", SCHEMA_MD5], capture_output=True, text=True)
-    output = proc.stdout + proc.stderr
-    if drop_key:
-        assert proc.returncode != 0 and f"'{drop_key}' is a required property" in output
-    else:
-        assert proc.returncode == 0 and "metadata is verified with no error" in output, output[-2000:]
-
-
 def test_two_process_ddp_training_on_cpu(synthetic_dataset, tmp_path):
     proc = run_bundle(VAE_BUNDLE, ["configs/train.json", "configs/multi_gpu_train.json"], "--bundle_root",
                       str(tmp_path), "--dataset_dir", str(synthetic_dataset), "--max_epochs", "1", *TINY,
@@ -205,9 +161,9 @@ def test_bad_dataset_is_refused_before_training(synthetic_dataset, tmp_path):
     assert "Epoch[" not in proc.stdout + proc.stderr
 
 
-def test_paper_settings_are_one_override_away(synthetic_dataset, tmp_path, monkeypatch):
+def test_paper_settings_are_one_override_away(synthetic_dataset, tmp_path, bundle_on_path):
     """configs/paper_settings.json on top of train.json gives Myronenko's network and optimisation settings."""
-    monkeypatch.syspath_prepend(str(VAE_BUNDLE))
+    bundle_on_path(VAE_BUNDLE)
     workflow = ConfigWorkflow(config_file=[str(VAE_BUNDLE / "configs/train.json"),
                                            str(VAE_BUNDLE / "configs/paper_settings.json")],
                               meta_file=str(VAE_BUNDLE / "configs/metadata.json"), workflow_type="train",
@@ -222,27 +178,9 @@ def test_paper_settings_are_one_override_away(synthetic_dataset, tmp_path, monke
     assert 24.7e6 < sum(p.numel() for p in net.parameters()) < 24.9e6
 
 
-def test_bundle_code_imports_only_declared_packages():
-    """A zipped bundle must run on its own: its scripts import only the stdlib, MONAI, torch, numpy and the
-    packages its metadata lists, never the repository."""
-    import ast
-
-    meta = json.loads((VAE_BUNDLE / "configs/metadata.json").read_text())
-    import_names = {"pytorch-ignite": "ignite"}
-    allowed = {"monai", "torch", "numpy", "scripts"} | {import_names.get(p, p) for p in meta["required_packages_version"]}
-    imported = set()
-    for path in (VAE_BUNDLE / "scripts").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                imported |= {alias.name.split(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                imported.add(node.module.split(".")[0])
-    assert imported - set(sys.stdlib_module_names) - {"__future__"} <= allowed
-
-
 @pytest.mark.parametrize("norm, expected", [("mr", "NormalizeIntensityd"), ("ct", "ScaleIntensityRanged")])
-def test_preprocessing_settings_reach_the_transforms(synthetic_dataset, tmp_path, monkeypatch, norm, expected):
-    monkeypatch.syspath_prepend(str(VAE_BUNDLE))
+def test_preprocessing_settings_reach_the_transforms(synthetic_dataset, tmp_path, bundle_on_path, norm, expected):
+    bundle_on_path(VAE_BUNDLE)
     workflow = ConfigWorkflow(config_file=str(VAE_BUNDLE / "configs/train.json"),
                               meta_file=str(VAE_BUNDLE / "configs/metadata.json"), workflow_type="train",
                               bundle_root=str(tmp_path), dataset_dir=str(synthetic_dataset), intensity_norm=norm,

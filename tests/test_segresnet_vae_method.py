@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import VAE_BUNDLE, load_module
+from conftest import VAE_BUNDLE, bundle_module
 from monai.networks import nets
 from monai.transforms import Compose, RandCropByPosNegLabeld, RandSpatialCropd
 
-vae = load_module(VAE_BUNDLE / "scripts" / "vae.py")
+vae = bundle_module(VAE_BUNDLE, "vae")
 KWARGS = dict(spatial_dims=3, init_filters=8, in_channels=1, out_channels=3, blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1))
 ROI = (32, 32, 16)
 

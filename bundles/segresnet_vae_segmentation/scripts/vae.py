@@ -25,6 +25,8 @@ from monai.transforms import (
     RandSpatialCropSamplesd,
 )
 
+from .backbones import required_divisor
+
 
 class VAEOutputs(NamedTuple):
     """What the VAE branch produced for one batch.
@@ -160,7 +162,7 @@ def check_training_crop(network: nets.SegResNetVAE, transforms: Compose) -> tupl
     iteration with a reshape error. Returns the crop size.
     """
     size = tuple(int(s) for s in network.input_image_size)
-    factor = 2 ** len(network.blocks_down)
+    factor = 2 * required_divisor(network)  # the VAE branch down-samples the encoder endpoint once more
     if any(s % factor for s in size):
         raise ValueError(
             f"SegResNetVAE input_image_size {list(size)} must be divisible by {factor} "
