@@ -1,0 +1,164 @@
+"""The SelfReg bundle through MONAI's bundle CLI: each backbone trains on tiny data and exports a TorchScript
+model that matches eager output; lambda = 0 trains the plain baseline; resume, evaluation, inference, 2D
+training, 2-process DDP on CPU (gloo) and the refusal of a window the backbone cannot take."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import SELFREG_BUNDLE, run_bundle
+from monai.networks import nets
+
+TINY = ["--spacing", "[1.5,1.5,1.5]", "--num_workers", "0", "--progress_bar", "False"]
+TRAIN = ["configs/train.json"]
+# SwinUNETR needs sizes divisible by 32 and more than one voxel at its bottleneck in training: 64^3.
+ROI = {"segresnet": "[32,32,32]", "unet": "[32,32,32]", "swinunetr": "[64,64,64]"}
+SMALL = {
+    "segresnet": ["--backbones#segresnet#init_filters", "8"],
+    "unet": ["--backbones#unet#channels", "[8,16,32,64]", "--backbones#unet#strides", "[2,2,2]"],
+    "swinunetr": ["--backbones#swinunetr#feature_size", "12"],
+}
+EAGER = {
+    "segresnet": lambda: nets.SegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=3),
+    "unet": lambda: nets.UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(8, 16, 32, 64),
+                              strides=(2, 2, 2), num_res_units=2, norm="instance"),
+    "swinunetr": lambda: nets.SwinUNETR(spatial_dims=3, in_channels=1, out_channels=3, feature_size=12),
+}
+
+
+def train(root: Path, dataset: Path, backbone: str = "segresnet", *extra: str, epochs: int = 1,
+          configs: list[str] = TRAIN, **kwargs):
+    return run_bundle(SELFREG_BUNDLE, configs, "--bundle_root", str(root), "--dataset_dir", str(dataset),
+                      "--max_epochs", str(epochs), "--backbone", backbone, "--roi_size", ROI[backbone],
+                      *SMALL[backbone], *TINY, *extra, run_id="training", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synthetic_dataset):
+    """Two epochs of SegResNet + SelfReg whose outputs the other tests read."""
+    root = tmp_path_factory.mktemp("selfreg_run")
+    proc = train(root, synthetic_dataset, epochs=2)
+    return root, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("backbone", ["segresnet", "unet", "swinunetr"])
+def test_backbone_trains_and_its_export_matches_eager(backbone, synthetic_dataset, tmp_path, trained):
+    if backbone == "segresnet":
+        root, log = trained
+    else:
+        root = tmp_path / "run"
+        proc = train(root, synthetic_dataset, backbone)
+        log = proc.stdout + proc.stderr
+    for term in ("train_seg", "train_scr", "train_ifd", "train_total", "val_mean_dice"):
+        assert term in log, term
+    state = torch.load(root / "models/model.pt", weights_only=True)
+    eager = EAGER[backbone]().eval()
+    eager.load_state_dict(state, strict=True)  # the plain backbone's keys: nothing SelfReg-specific was saved
+
+    ts_path = tmp_path / "model.ts"
+    size = int(ROI[backbone][1:3])
+    trace = ["--use_trace", "True", "--input_shape", f"[1,1,{size},{size},{size}]"] if backbone == "swinunetr" else []
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "ckpt_export", "--net_id", "network_def",
+                           "--filepath", str(ts_path), "--ckpt_file", str(root / "models/model.pt"),
+                           "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
+                           "--bundle_root", ".", "--backbone", backbone, *SMALL[backbone], *trace],
+                          cwd=SELFREG_BUNDLE, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scripted = torch.jit.load(str(ts_path)).eval()
+    assert "hook" not in str(scripted.graph).lower()
+    x = torch.randn(1, 1, size, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), eager(x), rtol=1e-4, atol=1e-4)
+
+
+def test_zero_weight_trains_the_plain_baseline(synthetic_dataset, tmp_path):
+    log = train(tmp_path, synthetic_dataset, "segresnet", "--selfreg_weight", "0")
+    log = log.stdout + log.stderr
+    assert "train_seg" in log and "train_scr" not in log and "train_ifd" not in log
+
+
+def test_resume_continues_from_last_checkpoint(trained, synthetic_dataset, tmp_path):
+    root, _ = trained
+    resumed = tmp_path / "resumed"
+    shutil.copytree(root, resumed)
+    proc = train(resumed, synthetic_dataset, epochs=3)
+    log = proc.stdout + proc.stderr
+    assert "resuming from iteration" in log and "epoch 2 until 3 epochs" in log, log[-2000:]
+    assert "Epoch[1]" not in log
+    assert (resumed / "models/checkpoint_epoch=3.pt").is_file()
+
+
+def test_evaluate_and_infer_through_the_plain_backbone(trained, synthetic_dataset, tmp_path):
+    root, _ = trained
+    run_bundle(SELFREG_BUNDLE, ["configs/train.json", "configs/evaluate.json"], "--bundle_root", str(root),
+               "--dataset_dir", str(synthetic_dataset), "--eval_split", "test", "--roi_size", "[32,32,32]",
+               *SMALL["segresnet"], *TINY)
+    rows = list(csv.DictReader(open(root / "eval/val_mean_dice_raw.csv")))
+    assert len(rows) == 1 and set(rows[0]) == {"filename", "class0", "class1", "mean"}
+
+    out = tmp_path / "pred"
+    run_bundle(SELFREG_BUNDLE, ["configs/inference.json"], "--bundle_root", str(root), "--dataset_dir",
+               str(synthetic_dataset), "--output_dir", str(out), "--roi_size", "[32,32,32]", *SMALL["segresnet"],
+               *TINY)
+    for image_path in sorted((synthetic_dataset / "imagesTs").glob("*.nii.gz")):
+        pred = nib.load(out / image_path.name.replace(".nii.gz", "_seg.nii.gz"))
+        image = nib.load(image_path)
+        assert pred.shape == image.shape
+        np.testing.assert_allclose(pred.affine, image.affine, atol=1e-4)
+
+
+def test_two_process_ddp_training_on_cpu(synthetic_dataset, tmp_path):
+    proc = train(tmp_path, synthetic_dataset, configs=["configs/train.json", "configs/multi_gpu_train.json"],
+                 launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+                           "--nproc_per_node=2"])
+    log = proc.stdout + proc.stderr
+    assert (tmp_path / "models/model.pt").is_file()
+    assert "Iter: 2/2" in log and "Iter: 4/4" not in log  # each rank trains on 2 of the 4 cases
+    assert "train_scr" in log and log.count("Key metric: val_mean_dice") == 1
+
+
+def test_window_the_backbone_cannot_take_is_refused_before_training(synthetic_dataset, tmp_path):
+    proc = train(tmp_path, synthetic_dataset, "swinunetr", "--roi_size", "[48,48,48]", check=False)
+    assert proc.returncode != 0
+    assert "roi_size [48, 48, 48] does not suit SwinUNETR: every size must be divisible by 32" in proc.stderr
+    assert "Epoch[" not in proc.stdout + proc.stderr
+
+
+@pytest.fixture
+def dataset_2d(synthetic_dataset, tmp_path) -> Path:
+    """The synthetic dataset's central axial slices as 2D NIfTI files, same names and dataset.json."""
+    out = tmp_path / "data2d"
+    out.mkdir()
+    shutil.copy(synthetic_dataset / "dataset.json", out / "dataset.json")
+    for path in synthetic_dataset.glob("*/*.nii.gz"):
+        volume = nib.load(path)
+        (out / path.parent.name).mkdir(exist_ok=True)
+        slice_2d = np.asarray(volume.dataobj)[:, :, volume.shape[2] // 2]
+        nib.save(nib.Nifti1Image(slice_2d, volume.affine), out / path.parent.name / path.name)
+    return out
+
+
+def test_two_dimensional_training_with_the_same_code(dataset_2d, tmp_path):
+    proc = train(tmp_path, dataset_2d, "unet", "--spatial_dims", "2", "--roi_size", "[32,32]", "--spacing",
+                 "[1.5,1.5]", "--orientation", "RA")
+    log = proc.stdout + proc.stderr
+    assert "train_scr" in log and "val_mean_dice" in log
+    state = torch.load(tmp_path / "models/model.pt", weights_only=True)
+    assert state["model.0.conv.unit0.conv.weight"].ndim == 4  # Conv2d weights
+
+
+def test_config_files_agree_on_the_backbones():
+    train_config = json.loads((SELFREG_BUNDLE / "configs/train.json").read_text())
+    infer_config = json.loads((SELFREG_BUNDLE / "configs/inference.json").read_text())
+    for key in ("backbone", "backbones", "spatial_dims", "in_channels", "roi_size", "spacing", "orientation",
+                "intensity_norm", "sw_overlap"):
+        assert train_config[key] == infer_config[key], key
