@@ -23,14 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
-import platform
-import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,22 +39,27 @@ import torch  # noqa: E402
 from monai.inferers import SlidingWindowInferer  # noqa: E402
 from monai.networks import nets  # noqa: E402
 
+from benchmark_common import (  # noqa: E402
+    Timing,
+    add_run_options,
+    check_run_options,
+    configure_torch,
+    count_parameters,
+    hardware,
+    interleaved_timing,
+    machine,
+    memory_method,
+    print_machine,
+    print_timing,
+    saved_for_backward_mib,
+    step_memory,
+)
 from scripts.vae import SegResNetVAE, SegResNetVAELoss  # noqa: E402
 
 # The bundle reads the class count from the datalist; 3 is the tissue task's (background, grey and white matter).
 NUM_CLASSES = 3
-# Adam allocates its state on the first step, so the peak of a training step is reached by the second.
-MEMORY_STEPS = 2
-SEED = 0
-MMAP_THRESHOLD = 64 * 1024
-MEMORY_METHODS = {
-    "cuda": f"torch.cuda.max_memory_allocated over {MEMORY_STEPS} training steps minus memory_allocated after "
-            "building model, optimizer and batch, one fresh process per model",
-    "cpu": f"peak RSS (VmHWM, reset via /proc/self/clear_refs) over {MEMORY_STEPS} training steps minus RSS after "
-           "building model, optimizer and batch, one fresh process per model, glibc MALLOC_MMAP_THRESHOLD_="
-           f"{MMAP_THRESHOLD} so that freed memory leaves RSS",
-}
 VAE, PLAIN = "SegResNetVAE", "SegResNet"
+RATIO_LABEL = "VAE/plain"
 
 
 @dataclass(frozen=True)
@@ -87,17 +88,6 @@ class Settings:
     sw_overlap: float
 
 
-@dataclass(frozen=True)
-class Timing:
-    """Interleaved timings of two models in milliseconds; ratios are first / second (VAE / plain)."""
-
-    median_ms: dict[str, float]
-    min_ms: dict[str, float]
-    max_ms: dict[str, float]
-    ratio_of_medians: float
-    median_paired_ratio: float
-
-
 def load_train_config() -> dict:
     return json.loads((BUNDLE / "configs" / "train.json").read_text())
 
@@ -105,35 +95,18 @@ def load_train_config() -> dict:
 def parse_args(argv: Sequence[str] | None, config: dict) -> tuple[Settings, Path | None]:
     """The run's settings (train.json's, overridden by the options) and where to write JSON, if anywhere."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--iters", type=int, default=10, help="timed training steps and volumes per model")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps and volumes per model first")
+    add_run_options(parser)
     parser.add_argument("--roi", type=int, nargs=3, default=config["roi_size"], help="training crop = VAE input")
     parser.add_argument("--init-filters", type=int, default=config["init_filters"], help="32 in the paper")
     parser.add_argument("--volume", type=int, nargs=3, default=(96, 112, 96),
                         help="inference volume (default: the MNI brain at 2 mm)")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                        help="autocast + GradScaler as the bundle's trainer (default: on for CUDA; CUDA only)")
-    # With other jobs on the cores, torch's default team of one thread per core stalls at every barrier whenever
-    # one of its threads is descheduled (2-3x slower, run-to-run spread 10x on a loaded 2-core machine); one
-    # thread is not, and the VAE/plain ratios, which are what this measures, hardly depend on the thread count.
-    parser.add_argument("--threads", type=int, default=1,
-                        help=f"torch CPU threads (default 1, steady on a shared machine; all cores: {os.cpu_count()})")
-    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device available")
-    amp = device == "cuda" if args.amp is None else args.amp
-    if amp and device != "cuda":
-        parser.error("--amp needs CUDA (the bundle enables AMP only there)")
+    device, amp = check_run_options(parser, args)
     # The bundle's rule (scripts.vae.check_training_crop): the VAE's dense layers see the crop / 2**len(blocks_down).
     factor = 2 ** len(config["blocks_down"])
     if any(size % factor for size in args.roi):
         parser.error(f"--roi {args.roi}: every size must be divisible by {factor}")
-    if args.iters < 1 or args.warmup < 0 or args.threads < 1:
-        parser.error("--iters and --threads must be >= 1, --warmup >= 0")
 
     return Settings(
         device=device, amp=amp, threads=args.threads, iters=args.iters, warmup=args.warmup, roi=tuple(args.roi),
@@ -144,12 +117,6 @@ def parse_args(argv: Sequence[str] | None, config: dict) -> tuple[Settings, Path
         l2_weight=config["l2_weight"], kl_weight=config["kl_weight"], sw_batch_size=config["sw_batch_size"],
         sw_overlap=config["sw_overlap"],
     ), args.json
-
-
-def configure_torch(s: Settings) -> None:
-    """Seed and thread count, in the main process and in each memory subprocess alike."""
-    torch.manual_seed(SEED)
-    torch.set_num_threads(s.threads)
 
 
 def segresnet_kwargs(s: Settings) -> dict:
@@ -190,117 +157,10 @@ class TrainStep:
         self.scaler.update()
 
 
-def sync(device: str) -> None:
-    """Wait for queued CUDA kernels, so that a wall-clock time covers the work (no-op on CPU)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_once(fn: Callable[[], object], device: str) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return (time.perf_counter() - start) * 1000
-
-
-def interleaved_timing(fns: dict[str, Callable[[], object]], s: Settings) -> Timing:
-    """Warm both up, then time them in alternation, swapping the order each round so that neither always runs
-    right after the other; the per-round ratio compares two runs that saw the same machine load."""
-    names = list(fns)
-    for _ in range(s.warmup):
-        for name in names:
-            fns[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(s.iters):
-        for name in names if round_ % 2 == 0 else reversed(names):
-            times[name].append(time_once(fns[name], s.device))
-    first, second = names
-    return Timing(
-        median_ms={n: statistics.median(t) for n, t in times.items()},
-        min_ms={n: min(t) for n, t in times.items()},
-        max_ms={n: max(t) for n, t in times.items()},
-        ratio_of_medians=statistics.median(times[first]) / statistics.median(times[second]),
-        median_paired_ratio=statistics.median(a / b for a, b in zip(times[first], times[second])),
-    )
-
-
-def step_memory_in_child(s: Settings, name: str) -> float:
-    """Run in a fresh process: memory growth in MiB over a few training steps, from just after the model, its
-    optimizer and the batch exist (weights excluded; gradients, Adam state, activations and scratch included)."""
-    configure_torch(s)
-    step = TrainStep(build_model(s, name), s)
-    if s.device == "cuda":
-        sync(s.device)
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        for _ in range(MEMORY_STEPS):
-            step()
-        sync(s.device)
-        return (torch.cuda.max_memory_allocated() - baseline) / 2**20
-    baseline_kib = proc_status_kib("VmRSS")
-    # Reset the high-water mark to the current RSS: the process-lifetime peak would include importing torch, and
-    # ru_maxrss of a spawned child even starts at the parent's peak (Linux carries it across exec).
-    Path("/proc/self/clear_refs").write_text("5")
-    for _ in range(MEMORY_STEPS):
-        step()
-    return (proc_status_kib("VmHWM") - baseline_kib) / 1024
-
-
-def proc_status_kib(field: str) -> int:
-    """A memory field of /proc/self/status, in KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-@contextmanager
-def environment(**variables: str) -> Iterator[None]:
-    """Set environment variables for processes started inside the block."""
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = value
-
-
-def step_memory(s: Settings) -> dict[str, float]:
-    """Peak training-step memory of each model in MiB, each in its own spawned process: in one process, memory
-    the allocator kept from the first model would serve the second and hide part of its peak."""
-    context = multiprocessing.get_context("spawn")
-    mib = {}
-    # glibc otherwise keeps freed blocks below a threshold it raises as it goes, so that RSS ends up following the
-    # allocation history more than live memory (+-70 MiB from run to run here, swamping the VAE's share); with
-    # every block of 64 KiB or more mapped and unmapped on its own, the peak RSS is the peak of live memory.
-    with environment(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD)):
-        for name in (VAE, PLAIN):
-            with context.Pool(1) as pool:
-                mib[name] = pool.apply(step_memory_in_child, (s, name))
-    return mib
-
-
-def saved_for_backward_mib(step: TrainStep) -> float:
-    """MiB of activations autograd keeps for the backward pass of one forward + loss (parameters excluded;
-    storages counted once). Allocator- and device-independent, so it shows the VAE branch's share of training
-    memory even where the CPU peak RSS is dominated by convolution scratch buffers."""
-    parameters = {p.untyped_storage().data_ptr() for p in step.model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        step.forward_loss()
-    return sum(storages.values()) / 2**20
+def memory_step(s: Settings, name: str) -> TrainStep:
+    """The training step of ``name`` as a fresh memory subprocess builds it."""
+    configure_torch(s.threads)
+    return TrainStep(build_model(s, name), s)
 
 
 def inference_network(s: Settings, vae: SegResNetVAE) -> nets.SegResNet:
@@ -332,37 +192,11 @@ def max_output_difference(runs: dict[str, Callable[[], torch.Tensor]]) -> float:
     return (runs[VAE]().float() - runs[PLAIN]().float()).abs().max().item()
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def parameter_counts(vae: SegResNetVAE, s: Settings) -> dict[str, int]:
     return {
         VAE: count_parameters(vae),
         "exported inference model": count_parameters(vae.segmentation_network()),
         PLAIN: count_parameters(nets.SegResNet(**segresnet_kwargs(s))),
-    }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass  # not Linux: fall back below
-    return platform.processor() or platform.machine()
-
-
-def machine(s: Settings) -> dict[str, object]:
-    """What the numbers were measured on; the load average tells how much other work shared the CPU."""
-    return {
-        "cpu": cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name() if s.device == "cuda" else None,
-        "load_average_1min_at_start": os.getloadavg()[0],
     }
 
 
@@ -383,18 +217,8 @@ class Results:
     wall_s: float
 
 
-def print_timing(title: str, timing: Timing) -> None:
-    print(f"{title} (ms):")
-    for name, median in timing.median_ms.items():
-        print(f"  {name:<13} median {median:8.1f}  min {timing.min_ms[name]:8.1f}  max {timing.max_ms[name]:8.1f}")
-    print(f"  VAE/plain: ratio of medians {timing.ratio_of_medians:.2f}, median of paired ratios "
-          f"{timing.median_paired_ratio:.2f}", flush=True)
-
-
 def markdown_table(r: Results) -> str:
     s, info = r.settings, r.machine
-    cpu = f"{info['cpu']} CPU ({info['cpu_cores']} cores), torch threads {info['torch_threads']}"
-    where = f"{info['gpu']} (CUDA)" if info["gpu"] else cpu
     memory_kind = "peak allocated growth" if s.device == "cuda" else "peak RSS growth"
 
     def row(label: str, values: dict, fmt: str, ratio: float | None = None) -> str:
@@ -404,7 +228,7 @@ def markdown_table(r: Results) -> str:
     train, infer = r.training_step, r.sliding_window_inference
     roi, volume = "x".join(map(str, s.roi)), "x".join(map(str, s.volume))
     return "\n".join([
-        f"{where}; torch {info['torch']}; init_filters {s.init_filters}; AMP {'on' if s.amp else 'off'}; "
+        f"{hardware(info)}; torch {info['torch']}; init_filters {s.init_filters}; AMP {'on' if s.amp else 'off'}; "
         f"1-min load average {info['load_average_1min_at_start']:.1f} at start, {r.load_average_1min_at_end:.1f} "
         f"at end; times are medians of {s.iters} interleaved runs after {s.warmup} warm-up, their ratios the "
         "median of the per-round ratios (each VAE run against the plain run beside it, under the same load).",
@@ -427,34 +251,34 @@ def markdown_table(r: Results) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     s, json_path = parse_args(argv, load_train_config())
-    configure_torch(s)
-    info = machine(s)
-    print("Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    configure_torch(s.threads)
+    info = machine(s.device)
+    print_machine(info)
     print(f"Device {s.device}, AMP {s.amp}, crop {list(s.roi)}, volume {list(s.volume)}, "
           f"init_filters {s.init_filters}, iters {s.iters}, warmup {s.warmup}", flush=True)
 
     steps = {name: TrainStep(build_model(s, name), s) for name in (VAE, PLAIN)}
-    train = interleaved_timing(steps, s)
-    print_timing("Training step", train)
-    saved = {name: saved_for_backward_mib(step) for name, step in steps.items()}
+    train = interleaved_timing(steps, s.device, s.iters, s.warmup)
+    print_timing("Training step", train, RATIO_LABEL)
+    saved = {name: saved_for_backward_mib(step.forward_loss, step.model.parameters()) for name, step in steps.items()}
     print(f"Activations saved for backward (MiB): {VAE} {saved[VAE]:.0f}, {PLAIN} {saved[PLAIN]:.0f}")
 
-    memory = step_memory(s)
+    memory = step_memory(memory_step, s, (VAE, PLAIN), s.device)
     print(f"Training-step memory (MiB): {VAE} {memory[VAE]:.0f}, {PLAIN} {memory[PLAIN]:.0f} "
-          f"[{MEMORY_METHODS[s.device]}]", flush=True)
+          f"[{memory_method(s.device)}]", flush=True)
 
     vae = steps[VAE].model
     runs = sliding_window_runs(s, vae)
     difference = max_output_difference(runs)
-    infer = interleaved_timing(runs, s)
-    print_timing("Sliding-window inference per volume", infer)
+    infer = interleaved_timing(runs, s.device, s.iters, s.warmup)
+    print_timing("Sliding-window inference per volume", infer, RATIO_LABEL)
     print(f"  max |logit difference|, eval-mode VAE vs exported SegResNet: {difference:.3g}")
 
     params = parameter_counts(vae, s)
     print("Parameters: " + ", ".join(f"{name} {count:,}" for name, count in params.items()))
 
     results = Results(machine=info, settings=s, training_step=train, training_step_memory_mib=memory,
-                      memory_method=MEMORY_METHODS[s.device], saved_for_backward_mib=saved,
+                      memory_method=memory_method(s.device), saved_for_backward_mib=saved,
                       sliding_window_inference=infer, max_inference_logit_difference=difference, parameters=params,
                       load_average_1min_at_end=os.getloadavg()[0], wall_s=time.perf_counter() - started)
     print(f"\nWall time {results.wall_s:.0f} s\n")

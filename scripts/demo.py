@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import os
 import re
@@ -26,7 +25,6 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 
 import matplotlib
 
@@ -36,6 +34,8 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+
+import make_dataset  # noqa: E402  (scripts/, this script's folder, is first on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "segresnet_vae_segmentation"
@@ -77,15 +77,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-cache", default=None, help="download cache for the MRI volumes")
     parser.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK_EPOCHS} epochs")
     return parser.parse_args(argv)
-
-
-def load_make_dataset() -> ModuleType:
-    """Import scripts/make_dataset.py by path: scripts/ is a folder of tools, not a package."""
-    spec = importlib.util.spec_from_file_location("make_dataset", REPO / "scripts" / "make_dataset.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up in sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def fresh_run_dir(run_dir: Path) -> None:
@@ -260,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     fresh_run_dir(run_dir)  # first, so that a folder the demo did not make is refused before any work
 
     print("== dataset", flush=True)
-    info = load_make_dataset().make_dataset("tissue", dataset, cache_dir=args.data_cache)
+    info = make_dataset.make_dataset("tissue", dataset, cache_dir=args.data_cache)
     source = (
         "real MRI" if info.source == "real" else "SYNTHETIC FALLBACK (not MRI): the real volumes could not be fetched"
     )

@@ -19,6 +19,8 @@ ALL_BUNDLES = sorted(p for p in BUNDLES.glob("*_segmentation") if p.is_dir())
 # MONAI's published model-zoo metadata schema (MONAI-extra-test-data 0.8.1), kept here so the check runs offline.
 SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"
 SCHEMA_MD5 = "06954cad2cc5d3784e72077ac76f0fc8"
+# The repository's tools import each other as top-level modules, as they do when run as scripts/<tool>.py.
+sys.path.insert(0, str(REPO / "scripts"))
 
 
 def load_module(path: Path, name: str | None = None) -> ModuleType:

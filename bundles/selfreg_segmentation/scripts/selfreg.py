@@ -204,7 +204,7 @@ def internal_feature_distillation(feature: torch.Tensor) -> torch.Tensor:
     score = F.normalize(feature.flatten(2), p=2, dim=2).mean(dim=(0, 2))
     order = torch.argsort(score, descending=True)
     half = c // 2
-    return F.mse_loss(feature[:, order[:half]], feature[:, order[c - half:]])
+    return _mean_squared_difference(feature[:, order[:half]], feature[:, order[c - half:]])
 
 
 def semantic_consistency(student: torch.Tensor, teacher: torch.Tensor,
@@ -212,18 +212,25 @@ def semantic_consistency(student: torch.Tensor, teacher: torch.Tensor,
     """L_SCR of one student map (B, C_s, *S_s) against the teacher (B, C_t, *S_t), already pooled or not.
 
     The larger map is adaptive-average-pooled to the smaller one's size (in practice the full-resolution teacher
-    down to the student). k = min(C_s, C_t) channels are compared: with a ``generator``, a fresh random subset and
-    pairing on each side (the paper's RCS); without, the first k (the authors' commented-out deterministic mode).
-    The teacher is detached; the student is not.
+    down to the student). k = min(C_s, C_t) channels are compared: with a ``generator`` (on the features' device),
+    a fresh random subset and pairing on each side (the paper's RCS); without, the first k (the authors'
+    commented-out deterministic mode). The teacher is detached; the student is not.
     """
     size = [min(s, t) for s, t in zip(student.shape[2:], teacher.shape[2:])]
     student, teacher = _pool_to(student, size), _pool_to(teacher.detach(), size)
     k = min(student.shape[1], teacher.shape[1])
     if generator is None:
-        return F.mse_loss(student[:, :k], teacher[:, :k])
-    idx_s = torch.randperm(student.shape[1], generator=generator)[:k].to(student.device)
-    idx_t = torch.randperm(teacher.shape[1], generator=generator)[:k].to(teacher.device)
-    return F.mse_loss(student[:, idx_s], teacher[:, idx_t])
+        return _mean_squared_difference(student[:, :k], teacher[:, :k])
+    # drawn on the features' device: indices made on the CPU would cost a host-to-GPU copy per map and step
+    idx_s = torch.randperm(student.shape[1], generator=generator, device=generator.device)[:k]
+    idx_t = torch.randperm(teacher.shape[1], generator=generator, device=generator.device)[:k]
+    return _mean_squared_difference(student[:, idx_s], teacher[:, idx_t])
+
+
+def _mean_squared_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``F.mse_loss(a, b)``, but autograd keeps only ``a - b`` for backward, not both gathered inputs (half the
+    regulariser's extra activation memory)."""
+    return (a - b).square().mean()
 
 
 def _pool_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -272,8 +279,8 @@ class SelfRegLoss(torch.nn.Module):
             segmentation loss (the baseline), computing nothing else.
         selfreg_weight: lambda, one weight for both terms (paper's best 0.015).
         ce_weight, dice_weight: the segmentation loss L_cd (Synapse recipe 0.4 and 0.6).
-        channel_selection: "random" (the paper's RCS, drawn anew at every call from a generator seeded with
-            ``seed``) or "first" (the first min(C_s, C_t) channels, deterministic).
+        channel_selection: "random" (the paper's RCS, drawn anew at every call from a generator on the features'
+            device seeded with ``seed``) or "first" (the first min(C_s, C_t) channels, deterministic).
 
     ``forward(logits, label)`` takes logits (B, K, *S) and labels (B, 1, *S). After each call ``terms`` holds the
     detached ``seg``, ``scr``, ``ifd`` and ``total`` for logging.
@@ -287,8 +294,17 @@ class SelfRegLoss(torch.nn.Module):
         self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=ce_weight, lambda_dice=dice_weight)
         self.taps = taps if selfreg_weight else None
         self.selfreg_weight = selfreg_weight
-        self.generator = torch.Generator().manual_seed(seed) if channel_selection == "random" else None
+        self.channel_selection, self.seed = channel_selection, seed
+        self._generators: dict[torch.device, torch.Generator] = {}
         self.terms: dict[str, torch.Tensor] = {}
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """The random-channel generator on ``device``, seeded with ``seed`` when first used; None in "first" mode."""
+        if self.channel_selection == "first":
+            return None
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
 
     def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         seg = self.seg_loss(logits, label)
@@ -296,7 +312,7 @@ class SelfRegLoss(torch.nn.Module):
         total = seg
         if self.taps is not None:
             terms["scr"], terms["ifd"] = selfreg_terms(self.taps.pop(), self.taps.layout, self.taps.blocks,
-                                                       self.generator)
+                                                       self.generator(logits.device))
             total = seg + self.selfreg_weight * (terms["scr"] + terms["ifd"])
         terms["total"] = total
         self.terms = {name: value.detach() for name, value in terms.items()}
