@@ -3,7 +3,7 @@
 For each backbone (SegResNet, UNet, SwinUNETR), measured in one run, on synthetic data:
 
 1. training step time (forward, loss, backward, Adam step; AMP + GradScaler on CUDA as the bundle's
-   SupervisedTrainer): ``SelfRegLoss`` with train.json's selfreg_weight (0.015) and ``FeatureTaps`` on the network,
+   SupervisedTrainer): ``SelfRegLoss`` with train.json's selfreg_weight (0.015) and ``SelfRegTaps`` on the network,
    against ``SelfRegLoss`` with selfreg_weight 0 and no taps, which is the DiceCE baseline. The two start from the
    same weights and alternate step by step, so machine noise hits both;
 2. training memory: the peak of a training step, each arm in a fresh subprocess (CUDA: peak allocated; CPU: peak
@@ -61,7 +61,7 @@ from benchmark_common import (  # noqa: E402
     step_memory,
 )
 from scripts.backbones import check_roi_size, required_divisor  # noqa: E402
-from scripts.selfreg import FeatureTaps, SelfRegLoss  # noqa: E402
+from scripts.selfreg import SelfRegLoss, SelfRegTaps  # noqa: E402
 
 # The bundle reads the class count from the datalist; 3 is the tissue task's (background, grey and white matter).
 NUM_CLASSES = 3
@@ -206,7 +206,7 @@ class TrainStep:
         device = torch.device(s.device)
         self.model = network.to(device).train()
         selfreg = arm == SELFREG
-        self.taps = FeatureTaps(self.model, s.selfreg_blocks, s.selfreg_layout) if selfreg else None
+        self.taps = SelfRegTaps(self.model, s.selfreg_blocks, s.selfreg_layout) if selfreg else None
         self.loss = SelfRegLoss(self.taps, selfreg_weight=s.selfreg_weight if selfreg else 0.0,
                                 ce_weight=s.ce_weight, dice_weight=s.dice_weight,
                                 channel_selection=s.channel_selection, seed=s.seed)

@@ -140,7 +140,7 @@ def test_taps_read_channels_first_features_in_training_only(backbone, dims):
     size, teacher_shape, num_students = TAP_CASES[backbone, dims]
     net = small_backbone(backbone, dims)
     keys_before = list(net.state_dict())
-    taps = selfreg.FeatureTaps(net)
+    taps = selfreg.SelfRegTaps(net)
     assert list(net.state_dict()) == keys_before  # hooks add no parameters or buffers
     x = torch.randn(2, 1, *[size] * dims)
     logits = net.train()(x)
@@ -165,7 +165,7 @@ def test_taps_read_channels_first_features_in_training_only(backbone, dims):
 
 def test_gradients_reach_the_encoder_and_the_teacher_gets_none_from_scr():
     net = small_backbone("segresnet").train()
-    taps = selfreg.FeatureTaps(net)
+    taps = selfreg.SelfRegTaps(net)
     net(torch.randn(2, 1, 32, 32, 32))
     scr, ifd = selfreg.selfreg_terms(taps.pop(), taps.layout, taps.blocks, torch.Generator().manual_seed(0))
     teacher_and_head = [p for n, p in net.named_parameters() if n.startswith(("up_layers.2", "up_samples.2", "conv_final"))]
@@ -183,7 +183,7 @@ def test_gradients_reach_the_encoder_and_the_teacher_gets_none_from_scr():
 
 def test_zero_weight_is_exactly_the_segmentation_loss():
     net = small_backbone("unet").train()
-    taps = selfreg.FeatureTaps(net)
+    taps = selfreg.SelfRegTaps(net)
     x, y = torch.randn(2, 1, 32, 32, 32), torch.randint(0, 3, (2, 1, 32, 32, 32))
     logits = net(x)
     baseline = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.4, lambda_dice=0.6)(logits, y)
@@ -199,16 +199,16 @@ def test_zero_weight_is_exactly_the_segmentation_loss():
 
 def test_custom_layout_from_config_and_wrong_names():
     net = small_backbone("segresnet")
-    taps = selfreg.FeatureTaps(net, blocks=["last"], layout={"teacher": "up_layers.2",
+    taps = selfreg.SelfRegTaps(net, blocks=["last"], layout={"teacher": "up_layers.2",
                                                              "encoder": {"last": ["down_layers.3"]}})
     net.train()(torch.randn(1, 1, 32, 32, 32))
     assert set(taps.pop()) == {"up_layers.2", "down_layers.3"}
     with pytest.raises(ValueError, match=r"\['down_layers.9'\] are not modules of SegResNet"):
-        selfreg.FeatureTaps(net, layout={"teacher": "up_layers.2", "encoder": {"last": ["down_layers.9"]}})
+        selfreg.SelfRegTaps(net, layout={"teacher": "up_layers.2", "encoder": {"last": ["down_layers.9"]}})
     with pytest.raises(ValueError, match="selfreg_blocks"):
-        selfreg.FeatureTaps(net, blocks=["middle"])
+        selfreg.SelfRegTaps(net, blocks=["middle"])
     with pytest.raises(TypeError, match="give selfreg_layout"):
-        selfreg.FeatureTaps(nets.BasicUNet(spatial_dims=3, in_channels=1, out_channels=2))
+        selfreg.SelfRegTaps(nets.BasicUNet(spatial_dims=3, in_channels=1, out_channels=2))
 
 
 @pytest.mark.parametrize("backbone, roi, ok", [("swinunetr", (64, 64, 32), True), ("swinunetr", (48, 64, 64), False),

@@ -26,6 +26,7 @@ from monai.transforms import (
 )
 
 from .backbones import required_divisor
+from .feature_taps import FeatureTaps
 
 
 class VAEOutputs(NamedTuple):
@@ -55,10 +56,8 @@ class SegResNetVAE(nets.SegResNetVAE):
     def __init__(self, input_image_size: Sequence[int], **kwargs) -> None:
         super().__init__(input_image_size=input_image_size, **kwargs)
         self._segresnet_kwargs = {k: v for k, v in kwargs.items() if not k.startswith("vae_")}
-        self._taps: dict[str, torch.Tensor] = {}
-        self.vae_fc1.register_forward_hook(self._tap("mu"))
-        self.vae_fc2.register_forward_hook(self._tap("sigma_raw"))
-        self.vae_conv_final.register_forward_hook(self._tap("reconstruction"))
+        # mu, the pre-softplus sigma and the reconstruction; the VAE branch runs in training mode only
+        self._taps = FeatureTaps(self, ["vae_fc1", "vae_fc2", "vae_conv_final"], training_only=False)
 
     def segmentation_network(self) -> nets.SegResNet:
         """A plain SegResNet that shares this network's segmentation modules (no copy).
@@ -82,25 +81,17 @@ class SegResNetVAE(nets.SegResNetVAE):
             return self.segmentation_network().load_state_dict(state_dict, strict=strict, assign=assign)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def _tap(self, name: str):
-        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-            self._taps[name] = output
-
-        return hook
-
     def forward(self, x: torch.Tensor):
-        self._taps.clear()
         logits, _ = super().forward(x)
         if not self.training:
             return logits
-        mu = self._taps["mu"]
+        taps = self._taps.pop(strict=False)  # vae_fc2 runs only when sigma is estimated
+        mu = taps["vae_fc1"]
         if self.vae_estimate_std:
-            sigma = F.softplus(self._taps["sigma_raw"])  # as MONAI's _get_vae_loss does
+            sigma = F.softplus(taps["vae_fc2"])  # as MONAI's _get_vae_loss does
         else:
             sigma = torch.full_like(mu, self.vae_default_std)
-        outputs = VAEOutputs(image=x, reconstruction=self._taps["reconstruction"], mu=mu, sigma=sigma)
-        self._taps.clear()
-        return logits, outputs
+        return logits, VAEOutputs(image=x, reconstruction=taps["vae_conv_final"], mu=mu, sigma=sigma)
 
 
 def vae_l2(outputs: VAEOutputs) -> torch.Tensor:

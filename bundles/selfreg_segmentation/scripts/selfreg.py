@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from monai.networks import nets
 
+from .feature_taps import FeatureTaps
+
 BlockPosition = Literal["first", "last"]
 ChannelSelection = Literal["random", "first"]
 
@@ -134,15 +136,12 @@ def _unet_layout(network: nets.UNet, module_names: set[str]) -> TapLayout:
     return TapLayout(teacher=teacher, encoder=encoder, decoder=decoder)
 
 
-class FeatureTaps:
-    """Forward hooks that keep the outputs of named modules during training forward passes.
-
-    Hooks store only when the module is in training mode and autograd is on, so validation and inference with the
-    same network cost nothing extra. ``pop()`` returns the features of the last forward pass, channels first, and
-    forgets them. ``remove()`` detaches the hooks.
+class SelfRegTaps(FeatureTaps):
+    """The :class:`FeatureTaps` SelfReg reads: every module of a :class:`TapLayout` at the chosen block positions,
+    stored in training forward passes only (validation and inference do no extra work).
 
     Args:
-        network: the backbone (not a DistributedDataParallel wrapper: pass its ``module``).
+        network: the backbone (a DistributedDataParallel wrapper is unwrapped).
         blocks: block positions to tap, a subset of ("first", "last").
         layout: a :class:`TapLayout`, a config dict for :meth:`TapLayout.from_config`, or None for
             :func:`default_layout`.
@@ -159,36 +158,7 @@ class FeatureTaps:
         elif not isinstance(layout, TapLayout):
             layout = TapLayout.from_config(layout)
         self.layout, self.blocks = layout, tuple(blocks)
-        modules = dict(network.named_modules())
-        missing = [name for name in layout.names(self.blocks) if name not in modules]
-        if missing:
-            raise ValueError(f"SelfReg taps {missing} are not modules of {type(network).__name__}; "
-                             "names come from network.named_modules()")
-        self._features: dict[str, torch.Tensor] = {}
-        self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in layout.names(self.blocks)]
-
-    def _hook(self, name: str):
-        channels_last = name in self.layout.channels_last
-
-        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if module.training and torch.is_grad_enabled():
-                # plain tensors: MetaTensor metadata would be sliced along with the channels, slowly or not at all
-                feature = output.as_subclass(torch.Tensor)
-                self._features[name] = torch.movedim(feature, -1, 1) if channels_last else feature
-
-        return hook
-
-    def pop(self) -> dict[str, torch.Tensor]:
-        features, self._features = self._features, {}
-        missing = [name for name in self.layout.names(self.blocks) if name not in features]
-        if missing:
-            raise RuntimeError(f"no features from {missing}: SelfReg needs a training-mode forward pass with autograd")
-        return features
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        super().__init__(network, layout.names(self.blocks), channels_last=layout.channels_last)
 
 
 def internal_feature_distillation(feature: torch.Tensor) -> torch.Tensor:
@@ -275,7 +245,7 @@ class SelfRegLoss(torch.nn.Module):
     """L = ce_weight * CE + dice_weight * Dice + selfreg_weight * (L_SCR + L_IFD).
 
     Args:
-        taps: the :class:`FeatureTaps` on the trained network; None, like ``selfreg_weight=0``, gives the plain
+        taps: the :class:`SelfRegTaps` on the trained network; None, like ``selfreg_weight=0``, gives the plain
             segmentation loss (the baseline), computing nothing else.
         selfreg_weight: lambda, one weight for both terms (paper's best 0.015).
         ce_weight, dice_weight: the segmentation loss L_cd (Synapse recipe 0.4 and 0.6).
@@ -286,7 +256,7 @@ class SelfRegLoss(torch.nn.Module):
     detached ``seg``, ``scr``, ``ifd`` and ``total`` for logging.
     """
 
-    def __init__(self, taps: FeatureTaps | None, selfreg_weight: float = 0.015, ce_weight: float = 0.4,
+    def __init__(self, taps: SelfRegTaps | None, selfreg_weight: float = 0.015, ce_weight: float = 0.4,
                  dice_weight: float = 0.6, channel_selection: ChannelSelection = "random", seed: int = 0) -> None:
         super().__init__()
         if channel_selection not in ("random", "first"):
