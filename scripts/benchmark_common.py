@@ -1,4 +1,5 @@
-"""Measurement machinery shared by the cost benchmarks (``benchmark_segresnet_vae.py``, ``benchmark_selfreg.py``).
+"""Measurement machinery shared by the cost benchmarks (``benchmark_segresnet_vae.py``, ``benchmark_selfreg.py``,
+``benchmark_reseg.py``).
 
 Each benchmark compares two variants of a training setup ("arms") and reports their ratios. This module holds what
 does not depend on the method: the run options (device, AMP, threads, iterations), interleaved timing with paired
@@ -114,6 +115,14 @@ def interleaved_timing(fns: dict[str, Callable[[], object]], device: str, iters:
         ratio_of_medians=statistics.median(times[first]) / statistics.median(times[second]),
         median_paired_ratio=statistics.median(a / b for a, b in zip(times[first], times[second])),
     )
+
+
+def median_time_ms(fn: Callable[[], object], device: str, iters: int, warmup: int) -> float:
+    """Median wall-clock time of ``fn`` in milliseconds over ``iters`` runs after ``warmup`` untimed ones: the
+    time of one part of an arm (e.g. a forward pass inside its step), which has nothing to alternate with."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(time_once(fn, device) for _ in range(iters))
 
 
 def print_timing(title: str, timing: Timing, ratio_label: str) -> None:

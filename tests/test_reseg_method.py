@@ -1,0 +1,192 @@
+"""The ReSeg method code: the seven pairs and the divisor reproduce the seed's L_opt, the frozen teacher neither
+changes nor receives gradient while the student's encoder does, a = 0 is the plain segmentation loss, and the
+default pairs of SegResNet, UNet and SwinUNETR have equal shapes in 3D and 2D."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import BUNDLES, bundle_module
+from monai.losses import DiceCELoss
+from monai.networks import nets
+
+RESEG_BUNDLE = BUNDLES / "reseg_segmentation"
+reseg = bundle_module(RESEG_BUNDLE, "reseg")
+
+NUM_CLASSES = 3
+
+
+def seed_loss_opt(s: dict, r: dict) -> torch.Tensor:
+    """The seed's L_opt (methods.md section 1.3), with x2..x4 / u1..u3 the encoder / decoder maps of each net."""
+    return (F.mse_loss(s["x4"], r["u1"]) + F.mse_loss(s["x3"], r["u2"]) + F.mse_loss(s["x2"], r["u3"])
+            + F.mse_loss(s["u1"], r["x4"]) + F.mse_loss(s["u2"], r["x3"]) + F.mse_loss(s["u3"], r["x2"])
+            + F.mse_loss(s["u1"], r["u1"])) / 3
+
+
+def segresnet(in_channels: int = 1, out_channels: int = NUM_CLASSES, spatial_dims: int = 3) -> nets.SegResNet:
+    return nets.SegResNet(spatial_dims=spatial_dims, init_filters=8, in_channels=in_channels,
+                          out_channels=out_channels)
+
+
+def test_seven_pairs_and_divisor_reproduce_the_seed_formula_on_fixed_tensors():
+    # SegResNet's levels as the seed's: x2, x3, x4 = down_layers.0..2 and u3, u2, u1 = up_layers.2..0
+    names = {"x2": "down_layers.0", "x3": "down_layers.1", "x4": "down_layers.2",
+             "u3": "up_layers.2", "u2": "up_layers.1", "u1": "up_layers.0"}
+    shapes = {"x2": (2, 4, 8, 8, 8), "x3": (2, 8, 4, 4, 4), "x4": (2, 16, 2, 2, 2)}
+    shapes.update({"u3": shapes["x2"], "u2": shapes["x3"], "u1": shapes["x4"]})
+    g = torch.Generator().manual_seed(0)
+    s = {k: torch.randn(shape, generator=g) for k, shape in shapes.items()}
+    r = {k: torch.randn(shape, generator=g) for k, shape in shapes.items()}
+    pairs = reseg.default_pairs(segresnet())
+    assert len(pairs) == 7
+    got = reseg.feature_consistency({names[k]: v for k, v in s.items()}, {names[k]: v for k, v in r.items()}, pairs,
+                                    divisor=3)
+    torch.testing.assert_close(got, seed_loss_opt(s, r), rtol=1e-6, atol=0)
+    weighted = reseg.feature_consistency({names[k]: v for k, v in s.items()}, {names[k]: v for k, v in r.items()},
+                                         pairs, pair_weights=[2.0] * 7, divisor=3)
+    torch.testing.assert_close(weighted, 2 * seed_loss_opt(s, r), rtol=1e-6, atol=0)
+
+
+def stage_two(teacher: torch.nn.Module, weight: float = 0.035, **kwargs):
+    student = segresnet()
+    pairs = reseg.default_pairs(student)
+    loss = reseg.ReSegLoss(reseg.pair_taps(student, pairs, "student"), teacher, reseg.pair_taps(teacher, pairs, "teacher"),
+                           pairs, weight=weight, num_classes=NUM_CLASSES, **kwargs)
+    return student, loss
+
+
+def batch(size: int = 16):
+    g = torch.Generator().manual_seed(1)
+    image = torch.randn(2, 1, size, size, size, generator=g)
+    label = torch.randint(0, NUM_CLASSES, (2, 1, size, size, size), generator=g).float()
+    return image, label
+
+
+def test_total_is_the_seed_composition_of_seg_loss_and_l_opt():
+    teacher = segresnet(in_channels=NUM_CLASSES, out_channels=1)
+    student, loss = stage_two(teacher)
+    image, label = batch()
+    logits = student(image)
+    total = loss(logits, label)
+    seg = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.5, lambda_dice=0.5)(logits, label)
+    torch.testing.assert_close(loss.terms["seg"], seg.detach())
+    torch.testing.assert_close(total, seg + 0.035 * loss.terms["opt"])
+    assert set(loss.terms) == {"seg", "opt", "total"}
+
+
+def test_teacher_is_unchanged_by_a_step_and_gets_no_gradient_while_the_student_encoder_does():
+    # batch norm, so that running statistics updated by a train-mode teacher (the seed's behaviour) would show
+    teacher = nets.UNet(spatial_dims=3, in_channels=NUM_CLASSES, out_channels=1, channels=(4, 8, 16, 32, 64),
+                        strides=(2, 2, 2, 2), num_res_units=1, norm="batch").train()
+    student = nets.UNet(spatial_dims=3, in_channels=1, out_channels=NUM_CLASSES, channels=(4, 8, 16, 32, 64),
+                        strides=(2, 2, 2, 2), num_res_units=1, norm="batch")
+    pairs = reseg.default_pairs(student)
+    # CE and Dice weighted 0: every gradient the student gets comes from L_opt
+    loss = reseg.ReSegLoss(reseg.pair_taps(student, pairs, "student"), teacher, reseg.pair_taps(teacher, pairs, "teacher"),
+                           pairs, weight=0.035, ce_weight=0.0, dice_weight=0.0, num_classes=NUM_CLASSES)
+    loss.train()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    optimizer = torch.optim.SGD([*student.parameters(), *teacher.parameters()], lr=1.0)
+    image, label = batch()
+    total = loss(student(image), label)
+    total.backward()
+    optimizer.step()
+
+    assert not teacher.training
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    for name, value in teacher.state_dict().items():  # weights and batch-norm running statistics
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
+    encoder_grad = student.get_submodule("model.0").conv.unit0.conv.weight.grad
+    assert encoder_grad is not None and encoder_grad.abs().sum() > 0
+
+
+class ExplodingTeacher(torch.nn.Module):
+    def forward(self, x):
+        raise AssertionError("a = 0 must not run the teacher")
+
+
+def test_zero_weight_is_exactly_the_segmentation_loss_without_teacher_or_hooks():
+    teacher = ExplodingTeacher()
+    student = segresnet()
+    pairs = reseg.default_pairs(student)
+    taps = reseg.pair_taps(student, pairs, "student")
+    loss = reseg.ReSegLoss(taps, teacher, None, pairs, weight=0.0, num_classes=NUM_CLASSES)
+    image, label = batch()
+    logits = student(image)
+    seg = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.5, lambda_dice=0.5)(logits, label)
+    torch.testing.assert_close(loss(logits, label), seg, rtol=0, atol=0)
+    assert set(loss.terms) == {"seg", "total"}
+    assert taps.pop(strict=False) == {}  # the hooks were removed: nothing was stored
+
+
+BACKBONES_3D = {
+    "segresnet": lambda i, o, d: nets.SegResNet(spatial_dims=d, init_filters=8, in_channels=i, out_channels=o),
+    "unet": lambda i, o, d: nets.UNet(spatial_dims=d, in_channels=i, out_channels=o, channels=(4, 8, 16, 32, 64),
+                                      strides=(2, 2, 2, 2), num_res_units=1, norm="instance"),
+    "swinunetr": lambda i, o, d: nets.SwinUNETR(spatial_dims=d, in_channels=i, out_channels=o, feature_size=12),
+}
+EXPECTED_PAIRS = {
+    "segresnet": [("down_layers.2", "up_layers.0"), ("down_layers.1", "up_layers.1"), ("down_layers.0", "up_layers.2"),
+                  ("up_layers.0", "down_layers.2"), ("up_layers.1", "down_layers.1"), ("up_layers.2", "down_layers.0"),
+                  ("up_layers.0", "up_layers.0")],
+    "unet": [("model.1.submodule.1.submodule.0", "model.1.submodule.1.submodule.1.submodule.2"),
+             ("model.1.submodule.0", "model.1.submodule.1.submodule.2"), ("model.0", "model.1.submodule.2"),
+             ("model.1.submodule.1.submodule.1.submodule.2", "model.1.submodule.1.submodule.0"),
+             ("model.1.submodule.1.submodule.2", "model.1.submodule.0"), ("model.1.submodule.2", "model.0"),
+             ("model.1.submodule.1.submodule.1.submodule.2", "model.1.submodule.1.submodule.1.submodule.2")],
+    "swinunetr": [("encoder4", "decoder4"), ("encoder3", "decoder3"), ("encoder2", "decoder2"),
+                  ("decoder4", "encoder4"), ("decoder3", "encoder3"), ("decoder2", "encoder2"),
+                  ("decoder4", "decoder4")],
+}
+
+
+@pytest.mark.parametrize("backbone,spatial_dims", [("segresnet", 3), ("unet", 3), ("swinunetr", 3), ("unet", 2)])
+def test_default_pairs_have_equal_shapes(backbone, spatial_dims):
+    student = BACKBONES_3D[backbone](1, NUM_CLASSES, spatial_dims).train()
+    teacher = BACKBONES_3D[backbone](NUM_CLASSES, 1, spatial_dims)
+    pairs = reseg.default_pairs(student)
+    assert pairs == EXPECTED_PAIRS[backbone]
+    s_taps, t_taps = reseg.pair_taps(student, pairs, "student"), reseg.pair_taps(teacher.eval(), pairs, "teacher")
+    size = 64 if backbone == "swinunetr" else 32  # more than one voxel at the bottleneck in training
+    student(torch.randn(1, 1, *[size] * spatial_dims))
+    with torch.no_grad():
+        teacher(torch.randn(1, NUM_CLASSES, *[size] * spatial_dims))
+    s, t = s_taps.pop(), t_taps.pop()
+    for s_name, t_name in pairs:
+        assert s[s_name].shape == t[t_name].shape, (s_name, t_name)
+    # three levels at three resolutions: the seed's H/2, H/4, H/8 relation
+    assert len({s[name].shape[2:] for name, _ in pairs[:3]}) == 3
+
+
+def test_too_shallow_unet_is_refused_with_what_to_do():
+    shallow = nets.UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8, 16, 32), strides=(2, 2, 2))
+    with pytest.raises(ValueError, match=r"len\(strides\) >= 4\) or set reseg_pairs"):
+        reseg.default_pairs(shallow)
+
+
+def test_mismatched_pairs_are_average_pooled_to_the_smaller_shape():
+    student, teacher = torch.randn(2, 8, 8, 8, 8), torch.randn(2, 4, 4, 4, 4)
+    s, t = reseg.match_shapes(student, teacher)
+    assert s.shape == t.shape == (2, 4, 4, 4, 4)
+    torch.testing.assert_close(t, teacher)
+    expected = F.avg_pool3d(student, 2).unflatten(1, (4, 2)).mean(2)  # 2x2x2 blocks, then pairs of channels
+    torch.testing.assert_close(s, expected)
+
+
+def test_label_encodings_and_stage_one_batch_and_loss():
+    label = torch.tensor([0.0, 2.0, 1.0]).reshape(1, 1, 3)
+    onehot = reseg.encode_label(label, NUM_CLASSES, "onehot")
+    assert onehot.shape == (1, 3, 3) and onehot.argmax(1).tolist() == [[0, 2, 1]]
+    assert torch.equal(reseg.encode_label(label, NUM_CLASSES, "index"), label)
+    with pytest.raises(ValueError, match="'onehot' or 'index'"):
+        reseg.LabelToImageBatch(NUM_CLASSES, "one-hot")
+
+    image = torch.randn(1, 1, 3)
+    inputs, targets = reseg.LabelToImageBatch(NUM_CLASSES)({"image": image, "label": label})
+    assert torch.equal(inputs, onehot) and torch.equal(targets, image)
+
+    pred = torch.randn(1, 1, 3)
+    loss = reseg.ReconstructionLoss()
+    torch.testing.assert_close(loss(pred, image), 0.6 * F.mse_loss(pred, image) + 0.4 * F.l1_loss(pred, image))
+    assert set(loss.terms) == {"mse", "l1", "total"}
