@@ -159,6 +159,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="edge length in voxels of synthetic volumes (task synthetic and the fallback)")
     parser.add_argument("--parallel", type=positive_int, default=2,
                         help="training runs at once, each with OMP_NUM_THREADS = cores // N (default 2)")
+    parser.add_argument("--train-configs", nargs="+", default=list(TRAIN_CONFIGS), metavar="CONFIG",
+                        help="the training's config files, in the bundle (default configs/train.json; ReSeg's two "
+                             "stages: configs/train.json configs/train_reconstruction.json)")
+    parser.add_argument("--train-run-id", default="run", help="the training's run id (default run; ReSeg's two "
+                        "stages: training_all)")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test: {QUICK_EPOCHS} epochs, the first seed, the first task")
     args = parser.parse_args(argv)
@@ -241,12 +246,12 @@ def is_done(run: Run) -> bool:
     return (run.root / METRIC_FILES["dice"]).is_file()
 
 
-def bundle_command(configs: Sequence[str], run: Run, **more: str) -> list[str]:
-    """``python -m monai.bundle run`` as a user calls it from the bundle folder, with this run's settings."""
+def bundle_command(configs: Sequence[str], run: Run, run_id: str = "run", **more: str) -> list[str]:
+    """``python -m monai.bundle run RUN_ID`` as a user calls it from the bundle folder, with this run's settings."""
     config = configs[0] if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
     settings = {"config_file": config, "meta_file": "configs/metadata.json", "logging_file": "configs/logging.conf",
                 "bundle_root": str(run.root), "dataset_dir": str(run.dataset), **run.overrides, **more}
-    command = [sys.executable, "-m", "monai.bundle", "run"]
+    command = [sys.executable, "-m", "monai.bundle", "run", run_id]
     for key, value in settings.items():
         command += [f"--{key}", value]
     return command
@@ -266,7 +271,7 @@ def run_step(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> f
     return time.perf_counter() - start
 
 
-def execute(run: Run, bundle: Path, env: dict[str, str]) -> dict:
+def execute(run: Run, bundle: Path, env: dict[str, str], train_configs: Sequence[str], train_run_id: str) -> dict:
     """Train, then evaluate the held-out test cases, unless an earlier invocation finished this run; returns the
     run's record (settings and wall times)."""
     record_path = run.root / RUN_RECORD
@@ -277,14 +282,16 @@ def execute(run: Run, bundle: Path, env: dict[str, str]) -> dict:
     record = {"overrides": run.overrides, "resumed": (run.root / "models").exists()}
     run.root.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=2) + "\n")
-    record["train_s"] = run_step(bundle_command(TRAIN_CONFIGS, run), bundle, env, run.root / "train.log")
+    record["train_s"] = run_step(bundle_command(train_configs, run, train_run_id), bundle, env,
+                                 run.root / "train.log")
     record["eval_s"] = run_step(bundle_command(EVAL_CONFIGS, run, eval_split="test"), bundle, env,
                                 run.root / "eval.log")
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
-def run_all(runs: list[Run], bundle: Path, parallel: int, threads: int) -> dict[Run, dict]:
+def run_all(runs: list[Run], bundle: Path, parallel: int, threads: int, train_configs: Sequence[str],
+            train_run_id: str) -> dict[Run, dict]:
     """Execute the runs, ``parallel`` at a time; a failed run does not stop the others (a rerun resumes), but the
     study then exits with the failures instead of a report."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
@@ -301,9 +308,9 @@ def run_all(runs: list[Run], bundle: Path, parallel: int, threads: int) -> dict[
     def one(index: int, run: Run) -> dict:
         if is_done(run):
             say(f"[{index}/{len(runs)}] {run.label}: done earlier, skipped")
-            return execute(run, bundle, env)
+            return execute(run, bundle, env, train_configs, train_run_id)
         say(f"[{index}/{len(runs)}] {run.label}: running (logs in {run.root})")
-        record = execute(run, bundle, env)
+        record = execute(run, bundle, env, train_configs, train_run_id)
         say(f"[{index}/{len(runs)}] {run.label}: finished in {record['train_s'] + record['eval_s']:.0f} s")
         return record
 
@@ -560,7 +567,8 @@ def markdown(report: dict) -> str:
         f"Machine: {describe_machine(report)}.",
         f"Data: {' and '.join(sources)} (per task below).",
         f"Arms (the first is the baseline): {arms}. {s['epochs']} epochs, seeds {', '.join(map(str, s['seeds']))}; "
-        f"every run: `{cli_text(s['extra'])}`{val_interval_note(s)}. Wall time: {run_minutes:.1f} min summed over "
+        f"every run: `run {s['training']['run_id']}` of `{' + '.join(s['training']['configs'])}` with "
+        f"`{cli_text(s['extra'])}`{val_interval_note(s)}. Wall time: {run_minutes:.1f} min summed over "
         f"the runs (trained {s['parallel']} at a time), {report['wall_s'] / 60:.1f} min for the last invocation of "
         "the study. std is the sample standard deviation (n − 1).",
         "",
@@ -581,6 +589,7 @@ def build_report(args: argparse.Namespace, machine: dict, datasets: dict[str, di
             "seeds": args.seeds,
             "epochs": args.epochs,
             "extra": args.extra,
+            "training": {"configs": args.train_configs, "run_id": args.train_run_id},
             "parallel": args.parallel,
             "threads_per_run": default_threads(args.parallel),
             "quick": args.quick,
@@ -617,7 +626,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     threads = default_threads(args.parallel)
     print(f"{len(runs)} runs of {args.epochs} epochs, {args.parallel} at a time with {threads} thread(s) each, "
           f"under {args.out}", flush=True)
-    records = run_all(runs, REPO / "bundles" / args.bundle, args.parallel, threads)
+    records = run_all(runs, REPO / "bundles" / args.bundle, args.parallel, threads, args.train_configs,
+                      args.train_run_id)
     report = build_report(args, machine, datasets, runs, records, time.perf_counter() - start)
     (args.out / "results.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     text = markdown(report)
