@@ -1,10 +1,14 @@
-"""Forward hooks that read a backbone's intermediate features without changing its code, parameters or output."""
+"""Forward hooks that read a backbone's intermediate features without changing its code, parameters or output,
+and the parameter-free resizing used to compare two such features."""
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
 import torch
+import torch.nn.functional as F
+
+from .backbones import unwrap
 
 
 class FeatureTaps:
@@ -25,8 +29,7 @@ class FeatureTaps:
 
     def __init__(self, network: torch.nn.Module, names: Sequence[str], channels_last: Collection[str] = (),
                  training_only: bool = True) -> None:
-        if isinstance(network, torch.nn.parallel.DistributedDataParallel):
-            network = network.module
+        network = unwrap(network)
         modules = dict(network.named_modules())
         missing = [name for name in names if name not in modules]
         if missing:
@@ -61,3 +64,11 @@ class FeatureTaps:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def pool_to_size(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(B, C, *S) adaptive-average-pooled to spatial ``size`` (1, 2 or 3 dims); returned as is when already there."""
+    if list(x.shape[2:]) == list(size):
+        return x
+    pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(size)]
+    return pool(x, size)

@@ -28,7 +28,8 @@ from monai.losses import DiceCELoss
 from monai.networks import nets
 from monai.networks.utils import one_hot
 
-from .feature_taps import FeatureTaps
+from .backbones import unwrap
+from .feature_taps import FeatureTaps, pool_to_size
 
 LabelEncoding = Literal["onehot", "index"]
 Pair = Sequence[str]  # (module name in the segmentation network, module name in the reconstruction network)
@@ -37,12 +38,6 @@ STAGE_ONE_COMMAND = (
     "python -m monai.bundle run training --config_file \"['configs/train.json','configs/train_reconstruction.json']\" "
     "--meta_file configs/metadata.json --logging_file configs/logging.conf"
 )
-
-
-def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    if isinstance(network, torch.nn.parallel.DistributedDataParallel):
-        return network.module
-    return network
 
 
 def matched_levels(network: torch.nn.Module) -> list[tuple[str, str]]:
@@ -58,7 +53,7 @@ def matched_levels(network: torch.nn.Module) -> list[tuple[str, str]]:
       outputs the logits.
     - SwinUNETR: ``encoder{k}`` <-> ``decoder{k}``, k = 1..4 (feature_size * 2**(k-1) channels at 1/2**(k-1)).
     """
-    network = _unwrap(network)
+    network = unwrap(network)
     if isinstance(network, nets.SegResNet):
         n = len(network.up_layers)
         return [(f"down_layers.{i}", f"up_layers.{n - 1 - i}") for i in range(n)]
@@ -92,7 +87,7 @@ def default_pairs(network: torch.nn.Module, levels: int = 3) -> list[tuple[str, 
     available = matched_levels(network)
     if len(available) < levels:
         raise ValueError(
-            f"{type(_unwrap(network)).__name__} has {len(available)} levels with an encoder and a decoder map of "
+            f"{type(unwrap(network)).__name__} has {len(available)} levels with an encoder and a decoder map of "
             f"equal shape ({available}), ReSeg pairs {levels}: give the backbone more down-sampling levels (UNet: "
             "len(strides) >= 4) or set reseg_pairs in the config"
         )
@@ -183,13 +178,6 @@ def _pool_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     return F.adaptive_avg_pool1d(flat, channels).reshape(*x.shape[:1], *x.shape[2:], channels).movedim(-1, 1)
 
 
-def _pool_space(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    if list(x.shape[2:]) == list(size):
-        return x
-    pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(size)]
-    return pool(x, size)
-
-
 def match_shapes(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Bring two maps (B, C_s, *S_s) and (B, C_t, *S_t) to a common shape without parameters: the larger is
     adaptive-average-pooled to the element-wise smaller spatial size, then to the smaller channel count (means of
@@ -197,8 +185,8 @@ def match_shapes(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Te
     the config; nothing is ever up-sampled, and no projection is learned that could absorb the difference."""
     size = [min(s, t) for s, t in zip(student.shape[2:], teacher.shape[2:])]
     channels = min(student.shape[1], teacher.shape[1])
-    return (_pool_channels(_pool_space(student, size), channels),
-            _pool_channels(_pool_space(teacher, size), channels))
+    return (_pool_channels(pool_to_size(student, size), channels),
+            _pool_channels(pool_to_size(teacher, size), channels))
 
 
 def feature_consistency(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor],

@@ -10,14 +10,20 @@ import torch
 from monai.networks import nets
 
 
+def unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    """The backbone inside a DistributedDataParallel wrapper (its module names and type are the backbone's)."""
+    if isinstance(network, torch.nn.parallel.DistributedDataParallel):
+        return network.module
+    return network
+
+
 def required_divisor(network: torch.nn.Module) -> int:
     """The number every spatial size of a training crop or sliding window must be divisible by.
 
     SegResNet halves the resolution len(blocks_down) - 1 times; UNet divides by the product of its strides;
     SwinUNETR by 2**5 (patch size 2 and four merges). Other networks: 1 (no check).
     """
-    if isinstance(network, torch.nn.parallel.DistributedDataParallel):
-        network = network.module
+    network = unwrap(network)
     if isinstance(network, nets.SwinUNETR):
         return 32
     if isinstance(network, nets.SegResNet):

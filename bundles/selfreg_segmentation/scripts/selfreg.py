@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from monai.networks import nets
 
-from .feature_taps import FeatureTaps
+from .backbones import unwrap
+from .feature_taps import FeatureTaps, pool_to_size
 
 BlockPosition = Literal["first", "last"]
 ChannelSelection = Literal["random", "first"]
@@ -149,8 +150,7 @@ class SelfRegTaps(FeatureTaps):
 
     def __init__(self, network: torch.nn.Module, blocks: Sequence[BlockPosition] = ("first", "last"),
                  layout: TapLayout | Mapping | None = None) -> None:
-        if isinstance(network, torch.nn.parallel.DistributedDataParallel):
-            network = network.module
+        network = unwrap(network)
         if not blocks or set(blocks) - {"first", "last"}:
             raise ValueError(f"selfreg_blocks must be a non-empty subset of ['first', 'last'], got {list(blocks)}")
         if layout is None:
@@ -187,7 +187,7 @@ def semantic_consistency(student: torch.Tensor, teacher: torch.Tensor,
     commented-out deterministic mode). The teacher is detached; the student is not.
     """
     size = [min(s, t) for s, t in zip(student.shape[2:], teacher.shape[2:])]
-    student, teacher = _pool_to(student, size), _pool_to(teacher.detach(), size)
+    student, teacher = pool_to_size(student, size), pool_to_size(teacher.detach(), size)
     k = min(student.shape[1], teacher.shape[1])
     if generator is None:
         return _mean_squared_difference(student[:, :k], teacher[:, :k])
@@ -201,13 +201,6 @@ def _mean_squared_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``F.mse_loss(a, b)``, but autograd keeps only ``a - b`` for backward, not both gathered inputs (half the
     regulariser's extra activation memory)."""
     return (a - b).square().mean()
-
-
-def _pool_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    if list(x.shape[2:]) == list(size):
-        return x
-    pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(size)]
-    return pool(x, size)
 
 
 def selfreg_terms(features: Mapping[str, torch.Tensor], layout: TapLayout, blocks: Sequence[str] = ("first", "last"),
@@ -235,7 +228,7 @@ def selfreg_terms(features: Mapping[str, torch.Tensor], layout: TapLayout, block
             for student in students:
                 size = tuple(min(s, t) for s, t in zip(student.shape[2:], teacher.shape[2:]))
                 if size not in pooled:
-                    pooled[size] = _pool_to(teacher.detach(), size)
+                    pooled[size] = pool_to_size(teacher.detach(), size)
                 terms.append(semantic_consistency(student, pooled[size], generator))
             scr = scr + sum(terms) / len(terms)
     return scr, ifd
