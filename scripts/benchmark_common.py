@@ -3,8 +3,9 @@
 
 Each benchmark compares two variants of a training setup ("arms") and reports their ratios. This module holds what
 does not depend on the method: the run options (device, AMP, threads, iterations), interleaved timing with paired
-ratios, the peak memory of a training step in a fresh spawned process, the activations autograd saves for backward,
-and a description of the machine. It is imported as a top-level module from the benchmarks' own folder:
+ratios, a training step on a synthetic batch as SupervisedTrainer runs it, whole-volume inference runs and their
+output difference, the peak memory of a training step in a fresh spawned process, the activations autograd saves
+for backward, and a description of the machine. It is imported as a top-level module from the benchmarks' own folder:
 
     from benchmark_common import interleaved_timing, step_memory
 """
@@ -219,6 +220,54 @@ def saved_for_backward_mib(forward_loss: Callable[[], object], parameters: Itera
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         forward_loss()
     return sum(storages.values()) / 2**20
+
+
+class TrainingStep:
+    """One training iteration on a fixed synthetic batch (batch 1), as MONAI's SupervisedTrainer runs it: forward
+    and loss under autocast, a GradScaler-scaled backward and an optimizer step.
+
+    ``model`` is put on ``device`` in training mode; the batch is an image (1, in_channels, *roi) of Gaussian noise
+    and a label (1, 1, *roi) of uniform class indices, drawn after the model and optimizer exist.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss: Callable[[object, torch.Tensor], torch.Tensor],
+                 optimizer: torch.optim.Optimizer, device: str, amp: bool, in_channels: int, roi: Sequence[int],
+                 num_classes: int) -> None:
+        self.model = model.to(device).train()
+        self.loss, self.optimizer = loss, optimizer
+        self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=amp)
+        self.device_type, self.amp = torch.device(device).type, amp
+        self.image = torch.randn(1, in_channels, *roi, device=device)
+        self.label = torch.randint(0, num_classes, (1, 1, *roi), device=device).float()
+
+    def forward_loss(self) -> torch.Tensor:
+        with torch.autocast(self.device_type, enabled=self.amp):  # the trainer computes the loss under autocast too
+            return self.loss(self.model(self.image), self.label)
+
+    def __call__(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(self.forward_loss()).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+
+def inference_runs(models: dict[str, torch.nn.Module], inferer: Callable[[torch.Tensor, torch.nn.Module], torch.Tensor],
+                   volume: torch.Tensor, device: str, amp: bool) -> dict[str, Callable[[], torch.Tensor]]:
+    """One whole-volume prediction per model (in eval mode), under inference mode and autocast as the bundles'
+    evaluators run it."""
+
+    def run(model: torch.nn.Module) -> Callable[[], torch.Tensor]:
+        def infer() -> torch.Tensor:
+            with torch.inference_mode(), torch.autocast(device, enabled=amp):
+                return inferer(volume, model)
+        return infer
+
+    return {name: run(model.eval()) for name, model in models.items()}
+
+
+def max_output_difference(runs: dict[str, Callable[[], torch.Tensor]], first: str, second: str) -> float:
+    """Largest absolute output difference between two inference runs: 0 when the two models compute the same."""
+    return (runs[first]().float() - runs[second]().float()).abs().max().item()
 
 
 def count_parameters(model: torch.nn.Module) -> int:

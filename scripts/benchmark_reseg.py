@@ -61,13 +61,16 @@ from monai.networks import nets  # noqa: E402
 
 from benchmark_common import (  # noqa: E402
     Timing,
+    TrainingStep,
     add_run_options,
     check_run_options,
     configure_torch,
     count_parameters,
     hardware,
+    inference_runs,
     interleaved_timing,
     machine,
+    max_output_difference,
     median_time_ms,
     memory_method,
     print_machine,
@@ -76,7 +79,7 @@ from benchmark_common import (  # noqa: E402
     step_memory,
 )
 from scripts.backbones import required_divisor  # noqa: E402
-from scripts.reseg import ReSegLoss, encode_label  # noqa: E402
+from scripts.reseg import encode_label  # noqa: E402
 
 TRAIN_CONFIG = BUNDLE / "configs" / "train.json"
 INFERENCE_CONFIG = BUNDLE / "configs" / "inference.json"
@@ -187,37 +190,21 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None]:
     return s, args.json
 
 
-class TrainStep:
-    """One stage-2 training iteration on a fixed synthetic batch, as MONAI's SupervisedTrainer runs it with the
-    objects train.json builds for ``arm``: network, loss (ReSeg: taps on both networks and the frozen teacher;
-    baseline: reseg_weight 0, neither) and Adam optimizer."""
+class TrainStep(TrainingStep):
+    """One stage-2 training iteration with the objects train.json builds for ``arm``, as SupervisedTrainer runs
+    it: network, loss (ReSeg: taps on both networks and the frozen teacher; baseline: reseg_weight 0, neither) and
+    Adam optimizer."""
 
     def __init__(self, config: ConfigParser, s: Settings) -> None:
-        device = torch.device(s.device)
         self.config = config
-        self.model = config.get_parsed_content("network").train()
-        self.loss: ReSegLoss = config.get_parsed_content("loss")
-        self.optimizer = config.get_parsed_content("optimizer")
-        self.scaler = torch.amp.GradScaler(device.type, enabled=s.amp)
-        self.device_type, self.amp = device.type, s.amp
-        self.image = torch.randn(1, s.in_channels, *s.roi, device=device)
-        self.label = torch.randint(0, NUM_CLASSES, (1, 1, *s.roi), device=device).float()
-
-    def forward_loss(self) -> torch.Tensor:
-        with torch.autocast(self.device_type, enabled=self.amp):  # the trainer computes the loss under autocast too
-            return self.loss(self.model(self.image), self.label)
+        super().__init__(config.get_parsed_content("network"), config.get_parsed_content("loss"),
+                         config.get_parsed_content("optimizer"), s.device, s.amp, s.in_channels, s.roi, NUM_CLASSES)
 
     def teacher_forward(self) -> None:
         """The teacher's part of the ReSeg loss on its own: its no-grad forward on the encoded label."""
         with torch.no_grad(), torch.autocast(self.device_type, enabled=self.amp):
             self.loss.teacher(encode_label(self.label, self.loss.num_classes, self.loss.label_encoding))
         self.loss.teacher_taps.pop()
-
-    def __call__(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(self.forward_loss()).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
 
 
 def training_steps(s: Settings, backbone: str) -> dict[str, TrainStep]:
@@ -241,20 +228,7 @@ def sliding_window_runs(s: Settings, backbone: str, trained: TrainStep) -> dict[
     volume = torch.randn(1, s.in_channels, *s.volume, device=s.device)
     plain = bundle_config(INFERENCE_CONFIG, s, backbone).get_parsed_content("network")
     plain.load_state_dict(trained.model.state_dict(), strict=True)
-    models = {RESEG: trained.model.eval(), PLAIN: plain.eval()}
-
-    def run(model: torch.nn.Module) -> Callable[[], torch.Tensor]:
-        def infer() -> torch.Tensor:
-            with torch.inference_mode(), torch.autocast(s.device, enabled=s.amp):
-                return inferer(volume, model)
-        return infer
-
-    return {name: run(model) for name, model in models.items()}
-
-
-def max_output_difference(runs: dict[str, Callable[[], torch.Tensor]]) -> float:
-    """Largest absolute logit difference between the two inference runs: 0 when the taps change nothing."""
-    return (runs[RESEG]().float() - runs[PLAIN]().float()).abs().max().item()
+    return inference_runs({RESEG: trained.model, PLAIN: plain}, inferer, volume, s.device, s.amp)
 
 
 @dataclass
@@ -309,7 +283,7 @@ def benchmark_backbone(s: Settings, backbone: str) -> BackboneResults:
     print(f"Training-step memory (MiB): {RESEG} {memory[RESEG]:.0f}, {BASELINE} {memory[BASELINE]:.0f}", flush=True)
 
     runs = sliding_window_runs(s, backbone, reseg)
-    difference = max_output_difference(runs)
+    difference = max_output_difference(runs, RESEG, PLAIN)
     infer = interleaved_timing(runs, s.device, s.iters, s.warmup)
     print_timing("Sliding-window inference per volume", infer, "ReSeg/plain")
     print(f"  max |logit difference|, trained network with taps vs fresh plain backbone: {difference:.3g}")

@@ -41,13 +41,16 @@ from monai.networks import nets  # noqa: E402
 
 from benchmark_common import (  # noqa: E402
     Timing,
+    TrainingStep,
     add_run_options,
     check_run_options,
     configure_torch,
     count_parameters,
     hardware,
+    inference_runs,
     interleaved_timing,
     machine,
+    max_output_difference,
     memory_method,
     print_machine,
     print_timing,
@@ -133,34 +136,17 @@ def build_model(s: Settings, name: str) -> torch.nn.Module:
     return nets.SegResNet(dropout_prob=s.dropout_prob, **segresnet_kwargs(s))
 
 
-class TrainStep:
-    """One training iteration of a model on a fixed synthetic batch, as MONAI's SupervisedTrainer runs it."""
-
-    def __init__(self, model: torch.nn.Module, s: Settings) -> None:
-        device = torch.device(s.device)
-        self.model = model.to(device).train()
-        self.loss = SegResNetVAELoss(l2_weight=s.l2_weight, kl_weight=s.kl_weight)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=s.learning_rate, weight_decay=s.weight_decay)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=s.amp)
-        self.device_type, self.amp = device.type, s.amp
-        self.image = torch.randn(1, s.in_channels, *s.roi, device=device)
-        self.label = torch.randint(0, NUM_CLASSES, (1, 1, *s.roi), device=device).float()
-
-    def forward_loss(self) -> torch.Tensor:
-        with torch.autocast(self.device_type, enabled=self.amp):
-            return self.loss(self.model(self.image), self.label)
-
-    def __call__(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(self.forward_loss()).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+def train_step(model: torch.nn.Module, s: Settings) -> TrainingStep:
+    """One training iteration of ``model`` with the bundle's loss and Adam, as SupervisedTrainer runs it."""
+    return TrainingStep(model, SegResNetVAELoss(l2_weight=s.l2_weight, kl_weight=s.kl_weight),
+                        torch.optim.Adam(model.parameters(), lr=s.learning_rate, weight_decay=s.weight_decay),
+                        s.device, s.amp, s.in_channels, s.roi, NUM_CLASSES)
 
 
-def memory_step(s: Settings, name: str) -> TrainStep:
+def memory_step(s: Settings, name: str) -> TrainingStep:
     """The training step of ``name`` as a fresh memory subprocess builds it."""
     configure_torch(s.threads)
-    return TrainStep(build_model(s, name), s)
+    return train_step(build_model(s, name), s)
 
 
 def inference_network(s: Settings, vae: SegResNetVAE) -> nets.SegResNet:
@@ -176,20 +162,8 @@ def sliding_window_runs(s: Settings, vae: SegResNetVAE) -> dict[str, Callable[[]
     inferer = SlidingWindowInferer(roi_size=s.roi, sw_batch_size=s.sw_batch_size, overlap=s.sw_overlap,
                                    mode="gaussian")
     volume = torch.randn(1, s.in_channels, *s.volume, device=s.device)
-    models = {VAE: vae.to(s.device).eval(), PLAIN: inference_network(s, vae)}
-
-    def run(model: torch.nn.Module) -> Callable[[], torch.Tensor]:
-        def infer() -> torch.Tensor:
-            with torch.inference_mode(), torch.autocast(s.device, enabled=s.amp):
-                return inferer(volume, model)
-        return infer
-
-    return {name: run(model) for name, model in models.items()}
-
-
-def max_output_difference(runs: dict[str, Callable[[], torch.Tensor]]) -> float:
-    """Largest absolute logit difference between the two inference runs: 0 when eval-mode VAE = SegResNet."""
-    return (runs[VAE]().float() - runs[PLAIN]().float()).abs().max().item()
+    models = {VAE: vae.to(s.device), PLAIN: inference_network(s, vae)}
+    return inference_runs(models, inferer, volume, s.device, s.amp)
 
 
 def parameter_counts(vae: SegResNetVAE, s: Settings) -> dict[str, int]:
@@ -257,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"Device {s.device}, AMP {s.amp}, crop {list(s.roi)}, volume {list(s.volume)}, "
           f"init_filters {s.init_filters}, iters {s.iters}, warmup {s.warmup}", flush=True)
 
-    steps = {name: TrainStep(build_model(s, name), s) for name in (VAE, PLAIN)}
+    steps = {name: train_step(build_model(s, name), s) for name in (VAE, PLAIN)}
     train = interleaved_timing(steps, s.device, s.iters, s.warmup)
     print_timing("Training step", train, RATIO_LABEL)
     saved = {name: saved_for_backward_mib(step.forward_loss, step.model.parameters()) for name, step in steps.items()}
@@ -269,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     vae = steps[VAE].model
     runs = sliding_window_runs(s, vae)
-    difference = max_output_difference(runs)
+    difference = max_output_difference(runs, VAE, PLAIN)
     infer = interleaved_timing(runs, s.device, s.iters, s.warmup)
     print_timing("Sliding-window inference per volume", infer, RATIO_LABEL)
     print(f"  max |logit difference|, eval-mode VAE vs exported SegResNet: {difference:.3g}")

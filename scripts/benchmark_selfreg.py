@@ -47,13 +47,16 @@ from monai.networks import nets  # noqa: E402
 
 from benchmark_common import (  # noqa: E402
     Timing,
+    TrainingStep,
     add_run_options,
     check_run_options,
     configure_torch,
     count_parameters,
     hardware,
+    inference_runs,
     interleaved_timing,
     machine,
+    max_output_difference,
     memory_method,
     print_machine,
     print_timing,
@@ -198,33 +201,17 @@ def parse_args(argv: Sequence[str] | None, config: dict) -> tuple[Settings, Path
     ), args.json
 
 
-class TrainStep:
-    """One training iteration of a network on a fixed synthetic batch, as MONAI's SupervisedTrainer runs it with
-    the bundle's loss: taps and selfreg_weight for the SelfReg arm, neither for the baseline."""
+class TrainStep(TrainingStep):
+    """One training iteration of a network with the bundle's loss and Adam, as SupervisedTrainer runs it: taps and
+    selfreg_weight for the SelfReg arm, neither for the baseline."""
 
     def __init__(self, network: torch.nn.Module, arm: str, s: Settings) -> None:
-        device = torch.device(s.device)
-        self.model = network.to(device).train()
         selfreg = arm == SELFREG
-        self.taps = SelfRegTaps(self.model, s.selfreg_blocks, s.selfreg_layout) if selfreg else None
-        self.loss = SelfRegLoss(self.taps, selfreg_weight=s.selfreg_weight if selfreg else 0.0,
-                                ce_weight=s.ce_weight, dice_weight=s.dice_weight,
-                                channel_selection=s.channel_selection, seed=s.seed)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=s.learning_rate, weight_decay=s.weight_decay)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=s.amp)
-        self.device_type, self.amp = device.type, s.amp
-        self.image = torch.randn(1, s.in_channels, *s.roi, device=device)
-        self.label = torch.randint(0, NUM_CLASSES, (1, 1, *s.roi), device=device).float()
-
-    def forward_loss(self) -> torch.Tensor:
-        with torch.autocast(self.device_type, enabled=self.amp):
-            return self.loss(self.model(self.image), self.label)
-
-    def __call__(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(self.forward_loss()).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.taps = SelfRegTaps(network, s.selfreg_blocks, s.selfreg_layout) if selfreg else None
+        loss = SelfRegLoss(self.taps, selfreg_weight=s.selfreg_weight if selfreg else 0.0, ce_weight=s.ce_weight,
+                           dice_weight=s.dice_weight, channel_selection=s.channel_selection, seed=s.seed)
+        optimizer = torch.optim.Adam(network.parameters(), lr=s.learning_rate, weight_decay=s.weight_decay)
+        super().__init__(network, loss, optimizer, s.device, s.amp, s.in_channels, s.roi, NUM_CLASSES)
 
 
 def training_steps(s: Settings, backbone: str) -> dict[str, TrainStep]:
@@ -249,20 +236,7 @@ def sliding_window_runs(s: Settings, backbone: str, trained: torch.nn.Module) ->
     volume = torch.randn(1, s.in_channels, *s.volume, device=s.device)
     plain = build_network(s.networks[backbone])
     plain.load_state_dict(trained.state_dict(), strict=True)
-    models = {SELFREG: trained.eval(), PLAIN: plain.to(s.device).eval()}
-
-    def run(model: torch.nn.Module) -> Callable[[], torch.Tensor]:
-        def infer() -> torch.Tensor:
-            with torch.inference_mode(), torch.autocast(s.device, enabled=s.amp):
-                return inferer(volume, model)
-        return infer
-
-    return {name: run(model) for name, model in models.items()}
-
-
-def max_output_difference(runs: dict[str, Callable[[], torch.Tensor]]) -> float:
-    """Largest absolute logit difference between the two inference runs: 0 when the taps change nothing."""
-    return (runs[SELFREG]().float() - runs[PLAIN]().float()).abs().max().item()
+    return inference_runs({SELFREG: trained, PLAIN: plain.to(s.device)}, inferer, volume, s.device, s.amp)
 
 
 @dataclass
@@ -313,7 +287,7 @@ def benchmark_backbone(s: Settings, backbone: str) -> BackboneResults:
 
     trained = steps[SELFREG].model
     runs = sliding_window_runs(s, backbone, trained)
-    difference = max_output_difference(runs)
+    difference = max_output_difference(runs, SELFREG, PLAIN)
     infer = interleaved_timing(runs, s.device, s.iters, s.warmup)
     print_timing("Sliding-window inference per volume", infer, "SelfReg/plain")
     print(f"  max |logit difference|, trained network with taps vs fresh plain backbone: {difference:.3g}")
