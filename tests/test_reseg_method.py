@@ -40,12 +40,37 @@ def test_seven_pairs_and_divisor_reproduce_the_seed_formula_on_fixed_tensors():
     r = {k: torch.randn(shape, generator=g) for k, shape in shapes.items()}
     pairs = reseg.default_pairs(segresnet())
     assert len(pairs) == 7
-    got = reseg.feature_consistency({names[k]: v for k, v in s.items()}, {names[k]: v for k, v in r.items()}, pairs,
-                                    divisor=3)
+    student, teacher = {names[k]: v for k, v in s.items()}, {names[k]: v for k, v in r.items()}
+    got = reseg.feature_consistency(student, teacher, pairs, divisor=3, feature_norm="none")
     torch.testing.assert_close(got, seed_loss_opt(s, r), rtol=1e-6, atol=0)
-    weighted = reseg.feature_consistency({names[k]: v for k, v in s.items()}, {names[k]: v for k, v in r.items()},
-                                         pairs, pair_weights=[2.0] * 7, divisor=3)
+    weighted = reseg.feature_consistency(student, teacher, pairs, pair_weights=[2.0] * 7, divisor=3,
+                                         feature_norm="none")
     torch.testing.assert_close(weighted, 2 * seed_loss_opt(s, r), rtol=1e-6, atol=0)
+    # the default standardises each map per channel over space first (instance norm without affine parameters)
+    standardized = reseg.feature_consistency(student, teacher, pairs, divisor=3)
+    instance_norm = {k: F.instance_norm(v) for k, v in s.items()}, {k: F.instance_norm(v) for k, v in r.items()}
+    torch.testing.assert_close(standardized, seed_loss_opt(*instance_norm), rtol=1e-5, atol=1e-6)
+
+
+def test_standardized_l_opt_ignores_feature_scale_and_is_bounded():
+    g = torch.Generator().manual_seed(2)
+    pairs = [("a", "a"), ("b", "b")]
+    s = {"a": torch.randn(2, 4, 6, 6, 6, generator=g), "b": torch.randn(2, 8, 3, 3, 3, generator=g)}
+    t = {"a": torch.randn(2, 4, 6, 6, 6, generator=g), "b": torch.randn(2, 8, 3, 3, 3, generator=g)}
+    loss = reseg.feature_consistency(s, t, pairs, divisor=1)
+    # a teacher whose residual streams grew 1000-fold in stage 1 (and shifted) gives the same standardised L_opt
+    grown = {k: 1000 * v + 50 for k, v in t.items()}
+    torch.testing.assert_close(reseg.feature_consistency(s, grown, pairs, divisor=1), loss, rtol=1e-4, atol=1e-5)
+    assert reseg.feature_consistency(s, grown, pairs, divisor=1, feature_norm="none") > 1e5
+    # identical maps give 0, opposite maps the maximum 4 per pair; a one-voxel map standardises to 0, not NaN
+    torch.testing.assert_close(reseg.feature_consistency(s, {k: 3 * v for k, v in s.items()}, pairs, divisor=1),
+                               torch.tensor(0.0), atol=1e-6, rtol=0)
+    opposite = reseg.feature_consistency(s, {k: -v for k, v in s.items()}, pairs, divisor=1)
+    torch.testing.assert_close(opposite, torch.tensor(8.0), rtol=1e-4, atol=0)
+    single = {"a": torch.randn(2, 4, 1, 1, 1, generator=g)}
+    assert reseg.feature_consistency(single, {"a": torch.randn(2, 4, 1, 1, 1)}, [("a", "a")]) == 0
+    with pytest.raises(ValueError, match="reseg_feature_norm must be 'instance' or 'none'"):
+        reseg.feature_consistency(s, t, pairs, feature_norm="batch")
 
 
 def stage_two(teacher: torch.nn.Module, weight: float = 0.035, **kwargs):

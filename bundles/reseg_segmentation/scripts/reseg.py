@@ -10,7 +10,9 @@ with L_rec = 0.6 * MSE + 0.4 * L1. Stage 2 freezes it as a teacher and trains th
 
 where e_k / d_k are the encoder / decoder maps of the k-th deepest resolution level that has both (the seed's
 x4, x3, x2 and u1, u2, u3), s the segmentation network on the image and r the frozen teacher on the label;
-a = 0.035, CE and Dice weighted 0.5 each (seed 000 and the authors' train_unet_se.py).
+a = 0.035, CE and Dice weighted 0.5 each (seed 000 and the authors' train_unet_se.py). Each map is standardised
+per channel before its MSE by default (``reseg_feature_norm``), because MONAI's blocks, unlike the seed's, do not
+end in a normalisation (see :func:`feature_consistency`).
 
 Features are read by forward hooks (:class:`FeatureTaps`) on unmodified MONAI networks, so the trained network,
 its ``state_dict``, its inference and its export are those of the plain backbone.
@@ -32,6 +34,7 @@ from .backbones import unwrap
 from .feature_taps import FeatureTaps, pool_to_size
 
 LabelEncoding = Literal["onehot", "index"]
+FeatureNorm = Literal["instance", "none"]
 Pair = Sequence[str]  # (module name in the segmentation network, module name in the reconstruction network)
 
 STAGE_ONE_COMMAND = (
@@ -189,20 +192,39 @@ def match_shapes(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Te
             _pool_channels(pool_to_size(teacher, size), channels))
 
 
+def standardize_channels(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Each channel of each sample of (B, C, *S) to zero mean and unit variance over its spatial positions
+    (instance normalisation without affine parameters; a map of one position becomes 0)."""
+    spatial = tuple(range(2, x.dim()))
+    variance, mean = torch.var_mean(x, dim=spatial, keepdim=True, correction=0)
+    return (x - mean) * torch.rsqrt(variance + eps)
+
+
 def feature_consistency(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor],
                         pairs: Sequence[Pair], pair_weights: Sequence[float] | None = None,
-                        divisor: float = 3.0) -> torch.Tensor:
-    """L_opt = sum_i w_i * MSE(student[pairs[i][0]], teacher[pairs[i][1]]) / divisor (seed: w_i = 1, divisor 3).
+                        divisor: float = 3.0, feature_norm: FeatureNorm = "instance") -> torch.Tensor:
+    """L_opt = sum_i w_i * MSE(n(student[pairs[i][0]]), n(teacher[pairs[i][1]])) / divisor (seed: w_i = 1, divisor 3).
+
+    n is :func:`standardize_channels` (``feature_norm="instance"``, the default) or the identity (``"none"``, the
+    seed's formula on raw maps). The seed's maps all end in BatchNorm + ReLU, so their scale is fixed near 1 and
+    a = 0.035 weighs L_opt at a few percent of the segmentation loss; MONAI's SegResNet, UNet and SwinUNETR blocks
+    end in residual sums without a closing normalisation, whose scale grows with training (the docs give the
+    measurements), so the bundle standardises each map per channel before the MSE to keep the seed's scale and
+    the meaning of a. Each standardised MSE lies in [0, 4] (it is 2 * (1 - correlation) averaged over channels).
 
     MSE is the mean over all elements (``F.mse_loss``), in float32 so that AMP features do not lose the small
-    differences; mismatched shapes go through :func:`match_shapes`.
+    differences; mismatched shapes go through :func:`match_shapes` before normalising.
     """
+    if feature_norm not in ("instance", "none"):
+        raise ValueError(f"reseg_feature_norm must be 'instance' or 'none', got {feature_norm!r}")
     weights = [1.0] * len(pairs) if pair_weights is None else list(pair_weights)
     if len(weights) != len(pairs):
         raise ValueError(f"reseg_pair_weights has {len(weights)} entries for {len(pairs)} reseg_pairs")
     total = 0.0
     for (s_name, t_name), w in zip(pairs, weights):
         s, t = match_shapes(student[s_name].float(), teacher[t_name].float())
+        if feature_norm == "instance":
+            s, t = standardize_channels(s), standardize_channels(t)
         total = total + w * F.mse_loss(s, t)
     return total / divisor
 
@@ -221,6 +243,8 @@ class ReSegLoss(torch.nn.Module):
             hooks of any taps given are removed.
         ce_weight, dice_weight: 0.5 and 0.5 in the seed.
         divisor: L_opt's divisor, the seed's 3 (not the number of pairs).
+        feature_norm: "instance" (default) standardises every tapped map per channel before the MSE, "none" uses
+            the raw maps as the seed does (see :func:`feature_consistency` for why).
         pair_weights: one weight per pair; None for all 1, as in the seed.
         num_classes, label_encoding: how the label becomes the teacher's input, as in stage 1 (:func:`encode_label`).
 
@@ -231,8 +255,8 @@ class ReSegLoss(torch.nn.Module):
     def __init__(self, student_taps: FeatureTaps | None, teacher: torch.nn.Module | None,
                  teacher_taps: FeatureTaps | None, pairs: Sequence[Pair] | None = None, weight: float = 0.035,
                  ce_weight: float = 0.5, dice_weight: float = 0.5, divisor: float = 3.0,
-                 pair_weights: Sequence[float] | None = None, num_classes: int = 2,
-                 label_encoding: LabelEncoding = "onehot") -> None:
+                 pair_weights: Sequence[float] | None = None, feature_norm: FeatureNorm = "instance",
+                 num_classes: int = 2, label_encoding: LabelEncoding = "onehot") -> None:
         super().__init__()
         self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=ce_weight, lambda_dice=dice_weight)
         self.weight = weight
@@ -246,10 +270,12 @@ class ReSegLoss(torch.nn.Module):
                              "set reseg_weight 0 for the baseline")
         elif divisor <= 0:
             raise ValueError(f"reseg_divisor must be positive, got {divisor}")
+        elif feature_norm not in ("instance", "none"):
+            raise ValueError(f"reseg_feature_norm must be 'instance' or 'none', got {feature_norm!r}")
         self.student_taps, self.teacher_taps = student_taps, teacher_taps
         self.teacher = teacher.requires_grad_(False).eval() if teacher is not None else None
         self.pairs = [tuple(p) for p in pairs or ()]
-        self.pair_weights, self.divisor = pair_weights, divisor
+        self.pair_weights, self.divisor, self.feature_norm = pair_weights, divisor, feature_norm
         self.num_classes, self.label_encoding = num_classes, label_encoding
         self.terms: dict[str, torch.Tensor] = {}
 
@@ -268,7 +294,8 @@ class ReSegLoss(torch.nn.Module):
             with torch.no_grad():
                 self.teacher(encode_label(label, self.num_classes, self.label_encoding))
             teacher = self.teacher_taps.pop()
-            terms["opt"] = feature_consistency(student, teacher, self.pairs, self.pair_weights, self.divisor)
+            terms["opt"] = feature_consistency(student, teacher, self.pairs, self.pair_weights, self.divisor,
+                                                 self.feature_norm)
             total = seg + self.weight * terms["opt"]
         terms["total"] = total
         self.terms = {name: value.detach() for name, value in terms.items()}
