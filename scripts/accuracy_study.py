@@ -157,6 +157,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-cache", default=None, help="download cache for the MRI volumes")
     parser.add_argument("--synthetic-size", type=positive_int, default=48,
                         help="edge length in voxels of synthetic volumes (task synthetic and the fallback)")
+    parser.add_argument("--labeled", type=positive_int, default=None, metavar="N",
+                        help="semi-supervised datasets: only the first N training cases keep their label, the others "
+                             "are unlabeled (make_dataset.py --labeled; for SemSim)")
     parser.add_argument("--parallel", type=positive_int, default=2,
                         help="training runs at once, each with OMP_NUM_THREADS = cores // N (default 2)")
     parser.add_argument("--train-configs", nargs="+", default=list(TRAIN_CONFIGS), metavar="CONFIG",
@@ -192,13 +195,14 @@ def claim_output(out: Path) -> None:
     (out / RUN_MARKER).write_text("written by scripts/accuracy_study.py; a rerun resumes the study in this folder\n")
 
 
-def prepare_dataset(task: str, data_dir: Path, cache: str | None, size: int) -> dict:
+def prepare_dataset(task: str, data_dir: Path, cache: str | None, size: int, labeled: int | None = None) -> dict:
     """Write the task's dataset once and record where it came from; a resumed study reuses both, so that all its
-    runs see the same data even if the real volumes became (un)reachable in between."""
+    runs see the same data even if the real volumes became (un)reachable in between. ``labeled``: keep the labels
+    of the first N training cases only (a semi-supervised dataset, ``make_dataset.py --labeled``)."""
     record = data_dir.with_suffix(".json")
     if record.is_file():
         return json.loads(record.read_text())
-    info = make_dataset.make_dataset(task, data_dir, cache_dir=cache, size=size)
+    info = make_dataset.make_dataset(task, data_dir, cache_dir=cache, size=size, labeled=labeled)
     labels = json.loads((data_dir / "dataset.json").read_text())["labels"]
     dataset = {
         "task": task,
@@ -593,6 +597,7 @@ def build_report(args: argparse.Namespace, machine: dict, datasets: dict[str, di
             "parallel": args.parallel,
             "threads_per_run": default_threads(args.parallel),
             "quick": args.quick,
+            "labeled": args.labeled,
         },
         "machine": {**machine, "load_average_1min_at_end": os.getloadavg()[0]},
         "datasets": datasets,
@@ -618,7 +623,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     machine = machine_info()
     datasets = {}
     for task in args.task:
-        datasets[task] = prepare_dataset(task, args.out / "data" / task, args.data_cache, args.synthetic_size)
+        datasets[task] = prepare_dataset(task, args.out / "data" / task, args.data_cache, args.synthetic_size,
+                                         args.labeled)
         print(f"dataset {task} ({source_name(datasets[task])}): {datasets[task]['description']}", flush=True)
     runs = plan_runs(args, datasets)
     for run in runs:

@@ -6,7 +6,12 @@ Real volumes are fetched with pip / apt-get into a cache ($MB_DATA_CACHE, else ~
 if that fails, synthetic volumes are written instead and the output says so. Besides the MSD folders
 it writes labelsTs, so held-out Dice can be computed.
 
+``--labeled N`` makes a semi-supervised dataset: only the first N training cases keep their label; the others stay
+in dataset.json's ``training`` without a ``label`` key and no label file of theirs is written, so they are truly
+unlabelled. Validation and test cases keep their labels.
+
     python scripts/make_dataset.py --task tissue --out data/tissue
+    python scripts/make_dataset.py --task synthetic --num-cases 10 --labeled 2 --out data/semi
 """
 
 import argparse
@@ -18,7 +23,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -257,22 +262,30 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     nib.save(image, path)
 
 
-def _write_cases(out: Path, cases: list[_Case], suffix: str) -> list[dict[str, str]]:
-    """Save the cases under images<suffix>/labels<suffix>; return their dataset.json entries."""
+def _write_cases(out: Path, cases: list[_Case], suffix: str, labeled: int | None = None) -> list[dict[str, str]]:
+    """Save the cases under images<suffix>/labels<suffix>, the labels of the first ``labeled`` cases only (all when
+    None); return their dataset.json entries, without ``label`` for the unlabelled cases."""
     entries = []
-    for case in cases:
+    for index, case in enumerate(cases):
         image, label = f"images{suffix}/{case.name}.nii.gz", f"labels{suffix}/{case.name}.nii.gz"
         if not (out / image).exists():  # a case listed in two splits (brain validation) is written once
             _save_nifti(case.image.astype(np.float32), case.affine, out / image)
-            _save_nifti(case.label.astype(np.uint8), case.affine, out / label)
-        entries.append({"image": f"./{image}", "label": f"./{label}"})
+        entry = {"image": f"./{image}"}
+        if labeled is None or index < labeled:
+            if not (out / label).exists():
+                _save_nifti(case.label.astype(np.uint8), case.affine, out / label)
+            entry["label"] = f"./{label}"
+        entries.append(entry)
     return entries
 
 
-def _write_dataset(out: Path, dataset: _Dataset) -> None:
+def _write_dataset(out: Path, dataset: _Dataset, labeled: int | None = None) -> None:
     for folder in _OUTPUTS[1:]:
         (out / folder).mkdir()
-    splits = {key: _write_cases(out, cases, "Ts" if key == "test" else "Tr") for key, cases in dataset.splits.items()}
+    splits = {
+        key: _write_cases(out, cases, "Ts" if key == "test" else "Tr", labeled if key == "training" else None)
+        for key, cases in dataset.splits.items()
+    }
     meta = {
         "name": dataset.name,
         "description": dataset.description,
@@ -295,18 +308,32 @@ def make_dataset(
     num_cases: int = 6,
     size: int = 48,
     num_classes: int = 3,
+    labeled: int | None = None,
 ) -> DatasetInfo:
-    """Write the ``task`` dataset to ``out_dir``; the synthetic arguments also shape a fallback."""
+    """Write the ``task`` dataset to ``out_dir``; the synthetic arguments also shape a fallback. ``labeled``: keep
+    the labels of the first ``labeled`` training cases only (None: all)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     _check_synthetic_args(num_cases, size, num_classes)
+    if labeled is not None and labeled < 1:
+        raise ValueError(f"labeled must be >= 1 (semi-supervised training needs a labelled case), got {labeled}")
     out = Path(out_dir).expanduser()
     _check_output(out)  # before any download, so a bad --out fails fast
     cache = Path(cache_dir or os.environ.get("MB_DATA_CACHE") or Path.home() / ".cache/monai_method_bundles")
     dataset, source = _build(task, cache.expanduser(), seed, num_cases, size, num_classes)
+    description = dataset.description
+    if labeled is not None:
+        num_training = len(dataset.splits["training"])
+        if labeled > num_training:
+            raise ValueError(
+                f"labeled={labeled} but the {task} dataset has {num_training} training cases: pass at most "
+                f"{num_training}" + (", or more --num-cases" if source == "synthetic" else "")
+            )
+        description += f"; {labeled} of {num_training} training cases labelled"
+        dataset = replace(dataset, description=description)
     _reset_output(out)
-    _write_dataset(out, dataset)
-    return DatasetInfo(out, source, dataset.description)
+    _write_dataset(out, dataset, labeled)
+    return DatasetInfo(out, source, description)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -318,8 +345,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num-cases", type=int, default=6, help="synthetic cases")
     parser.add_argument("--size", type=int, default=48, help="synthetic edge length in voxels")
     parser.add_argument("--num-classes", type=int, default=3, help="synthetic classes incl. background")
+    parser.add_argument(
+        "--labeled",
+        type=int,
+        default=None,
+        metavar="N",
+        help="semi-supervised: keep the labels of the first N training cases only; the other training cases are "
+        "listed without a label and their label files are not written (default: all labelled)",
+    )
     args = parser.parse_args(argv)
-    info = make_dataset(args.task, args.out, args.cache, args.seed, args.num_cases, args.size, args.num_classes)
+    info = make_dataset(
+        args.task, args.out, args.cache, args.seed, args.num_cases, args.size, args.num_classes, args.labeled
+    )
     print(info.description)
     print(f"written to {info.path}")
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLES = REPO / "bundles"
@@ -63,6 +65,42 @@ def bundle_on_path(monkeypatch):
     purge()
 
 
+def central_slices(dataset: Path, out: Path) -> Path:
+    """A 3D MSD dataset's central axial slices as 2D NIfTI files under ``out``: same names, same dataset.json."""
+    import nibabel as nib
+    import numpy as np
+
+    out.mkdir(parents=True)
+    shutil.copy(dataset / "dataset.json", out / "dataset.json")
+    for path in dataset.glob("*/*.nii.gz"):
+        volume = nib.load(path)
+        (out / path.parent.name).mkdir(exist_ok=True)
+        slice_2d = np.asarray(volume.dataobj)[:, :, volume.shape[2] // 2]
+        nib.save(nib.Nifti1Image(slice_2d, volume.affine), out / path.parent.name / path.name)
+    return out
+
+
+def assert_export_matches_eager(bundle: Path, checkpoint: Path, eager: torch.nn.Module, size: int, out: Path,
+                                *overrides: str, trace: bool = False) -> None:
+    """``monai.bundle ckpt_export`` of ``checkpoint`` with the bundle's inference.json (plus ``overrides``) gives a
+    TorchScript model without hooks whose output on a random (1, 1, size, size, size) input matches ``eager``
+    (the plain backbone, which must load ``checkpoint`` strictly: nothing method-specific was saved with it)."""
+    eager.load_state_dict(torch.load(checkpoint, weights_only=True), strict=True)
+    eager.eval()
+    shape = [1, 1, size, size, size]
+    trace_args = ["--use_trace", "True", "--input_shape", str(shape).replace(" ", "")] if trace else []
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "ckpt_export", "--net_id", "network_def",
+                           "--filepath", str(out), "--ckpt_file", str(checkpoint), "--meta_file",
+                           "configs/metadata.json", "--config_file", "configs/inference.json", "--bundle_root", ".",
+                           *overrides, *trace_args], cwd=bundle, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scripted = torch.jit.load(str(out)).eval()
+    assert "hook" not in str(scripted.graph).lower()
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), eager(x), rtol=1e-4, atol=1e-4)
+
+
 def run_bundle(bundle: Path, config_files: list[str], *overrides: str, run_id: str | None = None,
                check: bool = True, timeout: int = 600, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     """``python -m monai.bundle run`` in the bundle folder, as a user runs it; output captured as text."""
@@ -87,4 +125,13 @@ def synthetic_dataset(make_dataset_module, tmp_path_factory) -> Path:
     """7 synthetic cases of 32^3 with 3 classes: 4 training, 2 validation, 1 test."""
     out = tmp_path_factory.mktemp("data") / "synthetic"
     info = make_dataset_module.make_dataset("synthetic", out, num_cases=7, size=32, num_classes=3, seed=1)
+    return info.path
+
+
+@pytest.fixture(scope="session")
+def semi_dataset(make_dataset_module, tmp_path_factory) -> Path:
+    """The synthetic dataset with unlabeled images (SemSim): 7 cases of 32^3, 3 classes, 4 training of which the
+    first 2 keep their label, 2 validation, 1 test."""
+    out = tmp_path_factory.mktemp("data") / "semi"
+    info = make_dataset_module.make_dataset("synthetic", out, num_cases=7, size=32, num_classes=3, seed=1, labeled=2)
     return info.path

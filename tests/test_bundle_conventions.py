@@ -29,15 +29,17 @@ def test_bundle_has_the_model_zoo_file_set(bundle: Path):
 
 
 @pytest.mark.parametrize("bundle", ALL_BUNDLES, ids=BUNDLE_IDS)
-def test_configs_parse_and_instantiate(bundle: Path, synthetic_dataset, tmp_path, bundle_on_path):
+def test_configs_parse_and_instantiate(bundle: Path, synthetic_dataset, semi_dataset, tmp_path, bundle_on_path):
     bundle_on_path(bundle)
+    # SemSim refuses to build its semi-supervised trainer without unlabeled images
+    dataset = semi_dataset if bundle.name == "semsim_segmentation" else synthetic_dataset
     for config_file, workflow_type, ids in (
         ("train.json", "train", ["network", "loss", "train#trainer", "validate#evaluator"]),
         ("inference.json", "infer", ["network", "evaluator"]),
     ):
         workflow = ConfigWorkflow(config_file=str(bundle / "configs" / config_file),
                                   meta_file=str(bundle / "configs/metadata.json"), workflow_type=workflow_type,
-                                  bundle_root=str(tmp_path), dataset_dir=str(synthetic_dataset),
+                                  bundle_root=str(tmp_path), dataset_dir=str(dataset),
                                   roi_size=[32, 32, 32], num_workers=0)
         workflow.initialize()
         assert workflow.check_properties() == []

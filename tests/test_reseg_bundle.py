@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES, run_bundle
+from conftest import BUNDLES, assert_export_matches_eager, central_slices, run_bundle
 from monai.networks import nets
 
 RESEG_BUNDLE = BUNDLES / "reseg_segmentation"
@@ -88,33 +87,14 @@ def test_zero_weight_trains_the_plain_baseline_without_a_teacher(synthetic_datas
 
 def test_export_is_the_plain_backbone_and_matches_eager(segresnet_run, tmp_path):
     root, _ = segresnet_run
-    state = torch.load(root / "models/model.pt", weights_only=True)
-    eager = nets.SegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=3).eval()
-    eager.load_state_dict(state, strict=True)  # nothing ReSeg-specific was saved with the segmentation network
-
-    ts_path = tmp_path / "model.ts"
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "ckpt_export", "--net_id", "network_def",
-                           "--filepath", str(ts_path), "--ckpt_file", str(root / "models/model.pt"),
-                           "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
-                           "--bundle_root", ".", *SMALL["segresnet"]],
-                          cwd=RESEG_BUNDLE, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    scripted = torch.jit.load(str(ts_path)).eval()
-    assert "hook" not in str(scripted.graph).lower()
-    x = torch.randn(1, 1, 32, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(scripted(x), eager(x), rtol=1e-4, atol=1e-4)
+    # nothing ReSeg-specific was saved with the segmentation network
+    assert_export_matches_eager(RESEG_BUNDLE, root / "models/model.pt",
+                                nets.SegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=3), 32,
+                                tmp_path / "model.ts", *SMALL["segresnet"])
 
 
 def test_two_dimensional_training_with_the_same_code(synthetic_dataset, tmp_path):
-    data_2d = tmp_path / "data2d"
-    data_2d.mkdir()
-    shutil.copy(synthetic_dataset / "dataset.json", data_2d / "dataset.json")
-    for path in synthetic_dataset.glob("*/*.nii.gz"):  # the central axial slice of every volume
-        volume = nib.load(path)
-        (data_2d / path.parent.name).mkdir(exist_ok=True)
-        slice_2d = np.asarray(volume.dataobj)[:, :, volume.shape[2] // 2]
-        nib.save(nib.Nifti1Image(slice_2d, volume.affine), data_2d / path.parent.name / path.name)
+    data_2d = central_slices(synthetic_dataset, tmp_path / "data2d")
     root = tmp_path / "run"
     proc = run(root, data_2d, BOTH, "unet", "--spatial_dims", "2", "--roi_size", "[32,32]", "--spacing",
                "[1.5,1.5]", "--orientation", "RA", run_id="training_all")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import SELFREG_BUNDLE, run_bundle
+from conftest import SELFREG_BUNDLE, assert_export_matches_eager, central_slices, run_bundle
 from monai.networks import nets
 
 TINY = ["--spacing", "[1.5,1.5,1.5]", "--num_workers", "0", "--progress_bar", "False"]
@@ -60,24 +59,11 @@ def test_backbone_trains_and_its_export_matches_eager(backbone, synthetic_datase
         log = proc.stdout + proc.stderr
     for term in ("train_seg", "train_scr", "train_ifd", "train_total", "val_mean_dice"):
         assert term in log, term
-    state = torch.load(root / "models/model.pt", weights_only=True)
-    eager = EAGER[backbone]().eval()
-    eager.load_state_dict(state, strict=True)  # the plain backbone's keys: nothing SelfReg-specific was saved
-
-    ts_path = tmp_path / "model.ts"
     size = int(ROI[backbone][1:3])
-    trace = ["--use_trace", "True", "--input_shape", f"[1,1,{size},{size},{size}]"] if backbone == "swinunetr" else []
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "ckpt_export", "--net_id", "network_def",
-                           "--filepath", str(ts_path), "--ckpt_file", str(root / "models/model.pt"),
-                           "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
-                           "--bundle_root", ".", "--backbone", backbone, *SMALL[backbone], *trace],
-                          cwd=SELFREG_BUNDLE, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    scripted = torch.jit.load(str(ts_path)).eval()
-    assert "hook" not in str(scripted.graph).lower()
-    x = torch.randn(1, 1, size, size, size)
-    with torch.no_grad():
-        torch.testing.assert_close(scripted(x), eager(x), rtol=1e-4, atol=1e-4)
+    # the plain backbone's keys: nothing SelfReg-specific was saved
+    assert_export_matches_eager(SELFREG_BUNDLE, root / "models/model.pt", EAGER[backbone](), size,
+                                tmp_path / "model.ts", "--backbone", backbone, *SMALL[backbone],
+                                trace=backbone == "swinunetr")
 
 
 def test_zero_weight_trains_the_plain_baseline(synthetic_dataset, tmp_path):
@@ -135,16 +121,7 @@ def test_window_the_backbone_cannot_take_is_refused_before_training(synthetic_da
 
 @pytest.fixture
 def dataset_2d(synthetic_dataset, tmp_path) -> Path:
-    """The synthetic dataset's central axial slices as 2D NIfTI files, same names and dataset.json."""
-    out = tmp_path / "data2d"
-    out.mkdir()
-    shutil.copy(synthetic_dataset / "dataset.json", out / "dataset.json")
-    for path in synthetic_dataset.glob("*/*.nii.gz"):
-        volume = nib.load(path)
-        (out / path.parent.name).mkdir(exist_ok=True)
-        slice_2d = np.asarray(volume.dataobj)[:, :, volume.shape[2] // 2]
-        nib.save(nib.Nifti1Image(slice_2d, volume.affine), out / path.parent.name / path.name)
-    return out
+    return central_slices(synthetic_dataset, tmp_path / "data2d")
 
 
 def test_two_dimensional_training_with_the_same_code(dataset_2d, tmp_path):

@@ -3,7 +3,9 @@
 
 A user brings either an MSD folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``, optional ``imagesTs/``)
 or a MONAI datalist JSON with ``training``/``validation``/``testing`` keys. Both are read with
-:func:`monai.data.load_decathlon_datalist`, so relative paths resolve against ``base_dir``.
+:func:`monai.data.load_decathlon_datalist`, so relative paths resolve against ``base_dir``. Semi-supervised
+training (:func:`semi_supervised_split`) also takes unlabelled images: ``training`` entries without a ``label``,
+an ``unlabeled`` key, or a folder of image files.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import os
 from collections.abc import Sequence
 
 from monai.data import load_decathlon_datalist, partition_dataset
+
+# Single-file image formats that an unlabelled-image folder may hold (MONAI reads them with nibabel or ITK).
+IMAGE_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 
 
 def _read_json(datalist: str) -> dict:
@@ -28,6 +33,29 @@ def _read_json(datalist: str) -> dict:
             raise ValueError(f"datalist {datalist} is not valid JSON: {e}") from e
 
 
+def _hold_out(
+    datalist: str, content: dict, training: list[dict], base_dir: str, val_fraction: float, seed: int, cases: str
+) -> dict[str, list[dict]]:
+    """``training`` and the validation items: the datalist's ``validation`` key when it has one, else a seeded
+    ``val_fraction`` of ``training`` (at least one case, at least one left for training). ``cases`` names the
+    training cases in the refusal."""
+    if content.get("validation"):
+        return {"training": training, "validation": load_decathlon_datalist(datalist, True, "validation", base_dir)}
+    if len(training) < 2:
+        raise ValueError(f"datalist {datalist} has one {cases} case and no 'validation' key: add a second case")
+    num_val = min(len(training) - 1, max(1, round(val_fraction * len(training))))
+    train_part, val_part = partition_dataset(
+        training, ratios=[len(training) - num_val, num_val], shuffle=True, seed=seed
+    )
+    return {"training": train_part, "validation": val_part}
+
+
+def _image_files(folder: str) -> list[str]:
+    """The image files in ``folder``, sorted; hidden files (macOS ``._*`` copies in MSD archives) are skipped."""
+    names = [n for n in sorted(os.listdir(folder)) if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+    return [path for path in (os.path.join(folder, name) for name in names) if os.path.isfile(path)]
+
+
 def split_datalist(datalist: str, base_dir: str, val_fraction: float = 0.2, seed: int = 0) -> dict[str, list[dict]]:
     """Training and validation items of a datalist.
 
@@ -41,15 +69,50 @@ def split_datalist(datalist: str, base_dir: str, val_fraction: float = 0.2, seed
     if not content.get("training"):
         raise ValueError(f"datalist {datalist} has no 'training' cases")
     training = load_decathlon_datalist(datalist, True, "training", base_dir)
-    if content.get("validation"):
-        return {"training": training, "validation": load_decathlon_datalist(datalist, True, "validation", base_dir)}
-    if len(training) < 2:
-        raise ValueError(f"datalist {datalist} has one training case and no 'validation' key: add a second case")
-    num_val = min(len(training) - 1, max(1, round(val_fraction * len(training))))
-    train_part, val_part = partition_dataset(
-        training, ratios=[len(training) - num_val, num_val], shuffle=True, seed=seed
-    )
-    return {"training": train_part, "validation": val_part}
+    return _hold_out(datalist, content, training, base_dir, val_fraction, seed, "training")
+
+
+def semi_supervised_split(
+    datalist: str, base_dir: str, val_fraction: float = 0.2, seed: int = 0, unlabeled_dir: str | None = None
+) -> dict[str, list[dict]]:
+    """Labelled training, validation and unlabelled items of a datalist, for semi-supervised training.
+
+    Labelled cases are the ``training`` entries with a ``label``. Unlabelled images come from three places, in
+    this order: ``training`` entries without a ``label`` (MSD layout), the datalist's ``unlabeled`` key (a list of
+    ``{"image": path}``, paths relative to ``base_dir``), and every image file (.nii, .nii.gz, .nrrd, .mha, .mhd;
+    sorted; hidden files skipped) in ``unlabeled_dir`` when that folder exists. An image listed twice (same
+    resolved path) is kept once; an image that is also a labelled or validation case is dropped from the
+    unlabelled ones. Validation is split off the labelled cases exactly as :func:`split_datalist` does. An empty
+    ``unlabeled`` list is returned as is: whether that is an error is the caller's decision.
+
+    Returns:
+        ``{"training": [{"image", "label"}, ...], "validation": [...], "unlabeled": [{"image": path}, ...]}``.
+    """
+    content = _read_json(datalist)
+    entries = content.get("unlabeled") or []
+    if not all(isinstance(entry, dict) and "image" in entry for entry in entries):
+        raise ValueError(f"datalist {datalist}: every 'unlabeled' entry must be a dict {{'image': path}}")
+    training = load_decathlon_datalist(datalist, True, "training", base_dir) if content.get("training") else []
+    labeled = [item for item in training if "label" in item]
+    if not labeled:
+        raise ValueError(
+            f"datalist {datalist} has no labelled case: semi-supervised training needs 'training' entries with a "
+            "'label' (at least one, two when there is no 'validation' key)"
+        )
+    split = _hold_out(datalist, content, labeled, base_dir, val_fraction, seed, "labelled training")
+    candidates = [item["image"] for item in training if "label" not in item]
+    if entries:
+        candidates += [item["image"] for item in load_decathlon_datalist(datalist, False, "unlabeled", base_dir)]
+    if unlabeled_dir and os.path.isdir(unlabeled_dir):
+        candidates += _image_files(unlabeled_dir)
+    seen = {os.path.realpath(str(item["image"])) for item in [*labeled, *split["validation"]]}
+    unlabeled = []
+    for image in candidates:
+        resolved = os.path.realpath(str(image))
+        if resolved not in seen:
+            seen.add(resolved)
+            unlabeled.append({"image": image})
+    return {**split, "unlabeled": unlabeled}
 
 
 def held_out_items(datalist: str, base_dir: str, key: str = "test") -> list[dict]:

@@ -1,0 +1,103 @@
+# Generated from scripts/bundle_common/training.py by scripts/sync_bundle_common.py: edit that file, not this copy.
+"""Ignite pieces every method bundle needs and MONAI does not ship: per-term loss logging, per-class Dice,
+HD95 in millimetres, and finding the checkpoint to resume from."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import IgniteMetricHandler, MeanDice, from_engine
+from monai.metrics import HausdorffDistanceMetric
+
+
+class LossTermsHandler:
+    """Put the epoch mean of each loss term into ``engine.state.metrics`` as ``train_<term>``.
+
+    ``loss_function.terms`` must map term names to detached scalar tensors of the last call. Attach this handler
+    before StatsHandler and TensorBoardStatsHandler so they log the terms at the end of each epoch.
+    """
+
+    def __init__(self, loss_function: torch.nn.Module) -> None:
+        self.loss_function = loss_function
+        self._sums: dict[str, float] = defaultdict(float)
+        self._count = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._publish)
+
+    def _reset(self, engine: Engine) -> None:
+        self._sums.clear()
+        self._count = 0
+
+    def _accumulate(self, engine: Engine) -> None:
+        for name, value in self.loss_function.terms.items():
+            self._sums[name] += float(value)
+        self._count += 1
+
+    def _publish(self, engine: Engine) -> None:
+        for name, total in self._sums.items():
+            engine.state.metrics[f"train_{name}"] = total / max(self._count, 1)
+
+
+def metric_name(class_name: str) -> str:
+    """``"grey matter"`` -> ``"grey_matter"``: a name that TensorBoard, MLflow and CSV headers accept."""
+    return re.sub(r"\W+", "_", class_name.strip().lower()).strip("_")
+
+
+def _channel(index: int):
+    def select(output: Sequence[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        preds, labels = from_engine(["pred", "label"])(output)
+        return [p[index : index + 1] for p in preds], [y[index : index + 1] for y in labels]
+
+    return select
+
+
+def per_class_dice(class_names: Sequence[str]) -> dict[str, MeanDice]:
+    """One ``val_dice_<class>`` metric per foreground class, on one-hot ``pred``/``label`` of shape (C, *S)."""
+    return {
+        f"val_dice_{metric_name(name)}": MeanDice(include_background=True, output_transform=_channel(index))
+        for index, name in enumerate(class_names)
+        if index > 0
+    }
+
+
+def evaluation_metrics(class_names: Sequence[str], spacing: Sequence[float]) -> dict[str, IgniteMetricHandler]:
+    """Per-class Dice (``val_dice_<class>``) and HD95 in mm (``val_hd95``, per class in the metric details)."""
+    return {**per_class_dice(class_names), "val_hd95": HD95(spacing, output_transform=from_engine(["pred", "label"]))}
+
+
+class _HausdorffDistanceMM(HausdorffDistanceMetric):
+    def __init__(self, spacing: Sequence[float], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.spacing = [float(s) for s in spacing]
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
+        return super()._compute_tensor(y_pred, y, spacing=self.spacing)
+
+
+class HD95(IgniteMetricHandler):
+    """95th-percentile Hausdorff distance in millimetres per foreground class.
+
+    MONAI's ``HausdorffDistance`` handler passes no voxel spacing, so its distances are in voxels; this one
+    passes the spacing of the resampled grid the evaluator works on.
+    """
+
+    def __init__(self, spacing: Sequence[float], output_transform=lambda x: x, save_details: bool = True) -> None:
+        metric = _HausdorffDistanceMM(spacing=spacing, include_background=False, percentile=95.0, reduction="mean")
+        super().__init__(metric_fn=metric, output_transform=output_transform, save_details=save_details)
+
+
+def latest_checkpoint(ckpt_dir: str, pattern: str = "checkpoint_epoch=*.pt") -> str | None:
+    """The newest interval checkpoint in ``ckpt_dir`` (by epoch number), or None when training starts fresh."""
+    found = glob.glob(os.path.join(ckpt_dir, pattern))
+    if not found:
+        return None
+    return max(found, key=lambda p: int(re.findall(r"\d+", os.path.basename(p))[-1]))

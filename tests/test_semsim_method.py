@@ -1,0 +1,422 @@
+"""The SemSim method code on fixed tiny tensors: every loss term against a hand or dense computation, the paper's
+Eq. 9 inconsistency (tau unreachable without a temperature), the weights that switch terms off, where gradients
+flow, and the Spatial-aware Fusion Module's shapes, refusals and size."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import BUNDLES, bundle_module
+from monai.losses import DiceCELoss
+
+SEMSIM_BUNDLE = BUNDLES / "semsim_segmentation"
+semsim = bundle_module(SEMSIM_BUNDLE, "semsim")
+sfm = bundle_module(SEMSIM_BUNDLE, "sfm")
+
+
+def plain_masked_dice(p: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+    """Per image and class 1 - (2 sum m p t + s) / (sum m p + sum m t + s), then the mean: written out directly."""
+    t = F.one_hot(target[:, 0].long(), p.shape[1]).movedim(-1, 1).float()
+    dims = tuple(range(2, p.ndim))
+    inter = (mask * p * t).sum(dims)
+    denom = (mask * p).sum(dims) + (mask * t).sum(dims)
+    return (1 - (2 * inter + smooth) / (denom + smooth)).mean()
+
+
+# ---------------------------------------------------------------------------------------------- masked Dice, CutMix
+
+
+def test_masked_dice_excludes_masked_voxels_by_hand():
+    # 1 image, 2 classes, 4 voxels; the last voxel is masked out
+    p0 = torch.tensor([0.8, 0.6, 0.3, 0.1])
+    probs = torch.stack([p0, 1 - p0]).view(1, 2, 1, 4)
+    target = torch.tensor([0, 0, 1, 1]).view(1, 1, 1, 4)
+    mask = torch.tensor([1.0, 1.0, 1.0, 0.0]).view(1, 1, 1, 4)
+    s = 1e-5
+    class0 = 1 - (2 * (0.8 + 0.6) + s) / ((0.8 + 0.6 + 0.3) + 2 + s)
+    class1 = 1 - (2 * 0.7 + s) / ((0.2 + 0.4 + 0.7) + 1 + s)
+    loss = semsim.masked_dice(probs, target, mask)
+    assert loss.item() == pytest.approx((class0 + class1) / 2, abs=1e-6)
+    # the same as the Dice of the three kept voxels alone, whatever the excluded voxel holds
+    kept = semsim.masked_dice(probs[..., :3], target[..., :3], mask[..., :3])
+    assert loss.item() == pytest.approx(kept.item(), abs=1e-6)
+    flipped = probs.clone()
+    flipped[..., 3] = flipped[..., 3].flip(1)
+    assert semsim.masked_dice(flipped, target, mask).item() == pytest.approx(loss.item(), abs=1e-6)
+
+
+def test_masked_dice_fully_masked_image_is_zero_without_nan():
+    probs = torch.softmax(torch.randn(2, 3, 4, 4, requires_grad=True), dim=1)
+    target = torch.randint(0, 3, (2, 1, 4, 4))
+    mask = torch.ones(2, 1, 4, 4)
+    mask[1] = 0  # image 1 has no confident voxel
+    per_image = [semsim.masked_dice(probs[i:i + 1], target[i:i + 1], mask[i:i + 1]) for i in range(2)]
+    assert per_image[1].item() == 0.0
+    loss = semsim.masked_dice(probs, target, mask)
+    assert loss.item() == pytest.approx((per_image[0].item() + 0.0) / 2, abs=1e-6)  # Eq. 1: mean over images
+    assert loss.item() == pytest.approx(plain_masked_dice(probs, target, mask).item(), abs=1e-6)
+    everything_masked = semsim.masked_dice(probs, target, torch.zeros_like(mask))
+    everything_masked.backward()
+    assert everything_masked.item() == 0.0
+
+
+def test_cutmix_of_pseudo_labels_and_confidence():
+    pseudo = torch.tensor([[0, 1, 2], [3, 4, 5]]).view(2, 1, 1, 3)
+    confidence = torch.tensor([[0.1, 0.2, 0.3], [0.7, 0.8, 0.9]]).view(2, 1, 1, 3)
+    mix = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]]).view(2, 1, 1, 3)
+    partner = torch.tensor([1, 0])
+    assert semsim.cutmix_target(pseudo, mix, partner).flatten().tolist() == [0, 4, 5, 0, 4, 5]
+    assert semsim.cutmix_target(confidence, mix, partner).flatten().tolist() == pytest.approx(
+        [0.1, 0.8, 0.9, 0.1, 0.8, 0.9])
+    # a mask pooled to a coarser grid counts as pasted where the box covers at least half the cell
+    pooled = torch.tensor([[0.25, 0.5, 0.75], [0.0, 1.0, 0.49]]).view(2, 1, 1, 3)
+    assert semsim.cutmix_target(pseudo, pooled, partner).flatten().tolist() == [0, 4, 5, 3, 1, 5]
+
+
+# ------------------------------------------------------------------------------------------------ intra-image term
+
+
+def test_refinement_matches_dense_computation_and_gives_distributions():
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(2, 3, 3, 4), dim=1)
+    features = torch.randn(2, 5, 3, 4)
+    refined = semsim.refine_by_affinity(probs, features, temperature=0.5)
+    for b in range(2):
+        p = probs[b].reshape(3, -1)
+        f = features[b].reshape(5, -1)
+        n = f.shape[1]
+        cos = torch.tensor([[F.cosine_similarity(f[:, i], f[:, j], dim=0).item() for j in range(n)] for i in range(n)])
+        m = torch.softmax(cos / 0.5, dim=1)
+        expected = torch.stack([(p[:, i] + sum(m[i, j] * p[:, j] for j in range(n))) / 2 for i in range(n)], dim=1)
+        assert torch.allclose(refined[b].reshape(3, -1), expected, atol=1e-5)
+    assert torch.allclose(refined.sum(1), torch.ones(2, 3, 4), atol=1e-5)
+    assert refined.min() >= 0
+
+
+def test_affinity_without_temperature_empties_the_tau_mask():
+    # two orthogonal clusters of 256 tokens each (8^3 grid), predictions confident and matching the clusters
+    torch.manual_seed(0)
+    cluster = (torch.arange(512) % 2).view(1, 1, 8, 8, 8)
+    features = F.one_hot(cluster[:, 0], 4).movedim(-1, 1).float() + 0.01 * torch.randn(1, 4, 8, 8, 8)
+    probs = torch.where(F.one_hot(cluster[:, 0], 2).movedim(-1, 1).bool(), 0.99, 0.01)
+    plain = semsim.refine_by_affinity(probs, features, temperature=1.0)  # the paper's softmax(cos)
+    assert plain.amax(1).max() < 0.95  # (p + ~0.73 p_own + ~0.27 p_other) / 2: nothing passes tau
+    sharp = semsim.refine_by_affinity(probs, features, temperature=0.1)
+    assert sharp.amax(1).min() > 0.95
+
+
+def test_grid_capping():
+    assert semsim.cap_grid((56, 56), 4096) == (56, 56)  # the paper's 2D map: no pooling
+    assert semsim.cap_grid((16, 16, 16), 4096) == (16, 16, 16)
+    assert semsim.cap_grid((32, 32, 32), 4096) == (16, 16, 16)
+    assert semsim.cap_grid((24, 24, 24), 4096) == (16, 16, 16)
+    assert semsim.cap_grid((40, 40, 20), 4096) == (20, 20, 10)
+    assert semsim.cap_grid((128, 128), 4096) == (64, 64)
+    for size in [(24, 24, 12), (48, 40, 32), (20, 30, 40), (100, 100)]:
+        grid = semsim.cap_grid(size, 1000)
+        assert math.prod(grid) <= 1000 and all(1 <= g <= s for g, s in zip(grid, size))
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    assert semsim.pool_to_size(x, (2, 2)).flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
+    assert semsim.pool_to_size(x, (4, 4)) is x
+
+
+# ------------------------------------------------------------------------------------------------ cross-image term
+
+
+def test_local_prototypes_by_hand_with_both_fallbacks():
+    # 2 labeled 4x4 volumes, 3 classes, N = 2: four 2x2 regions; feature = (row, col) of the voxel
+    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    features = torch.stack([rows, cols]).unsqueeze(0).repeat(2, 1, 1, 1)
+    label = torch.zeros(2, 1, 4, 4, dtype=torch.long)
+    label[0, 0, 0, 0] = label[0, 0, 1, 1] = 1  # volume 0: class 1 only in region 0, class 2 absent
+    label[1, 0, 3, 3] = 2  # volume 1: class 2 in region 3 only, class 1 absent
+    prototypes, present = semsim.local_prototypes(features, label, num_classes=3, grid=2)
+    assert prototypes.shape == (2, 3, 4, 2)
+    assert present.tolist() == [[True, True, False], [True, False, True]]
+    # class 0 in volume 0, region 0 = voxels (0,1), (1,0); regions 1-3 = all of their voxels
+    assert prototypes[0, 0].tolist() == [[0.5, 0.5], [0.5, 2.5], [2.5, 0.5], [2.5, 2.5]]
+    # class 1 in volume 0: region 0's mean (0.5, 0.5); absent from regions 1-3, which take the whole-volume mean
+    assert prototypes[0, 1].tolist() == [[0.5, 0.5]] * 4
+    assert prototypes[0, 2].abs().sum() == 0 and prototypes[1, 1].abs().sum() == 0  # absent from the volume
+    # class 0 in volume 1, region 3 = voxels (2,2), (2,3), (3,2): mean (7/3, 7/3)
+    assert torch.allclose(prototypes[1, 0, 3], torch.tensor([7 / 3, 7 / 3]))
+    assert prototypes[1, 2].tolist() == [[3.0, 3.0]] * 4
+    # regions clamp to the grid (N = 4 on a side of 3) and use floor(i * N / size)
+    assert semsim.region_index((3, 8), 4).view(3, 8).tolist() == [
+        [0, 0, 1, 1, 2, 2, 3, 3], [4, 4, 5, 5, 6, 6, 7, 7], [8, 8, 9, 9, 10, 10, 11, 11]]
+
+
+def test_prototype_similarity_queries_each_voxels_own_region():
+    torch.manual_seed(0)
+    prototypes = torch.randn(2, 3, 4, 5)  # B_l, K, R = 2x2 regions, D
+    features = torch.randn(1, 5, 4, 4)
+    m = semsim.prototype_similarity(features, prototypes, grid=2)
+    assert m.shape == (1, 2, 3, 4, 4)
+    for y in range(4):
+        for x in range(4):
+            region = (y // 2) * 2 + x // 2
+            expected = F.cosine_similarity(features[0, :, y, x].view(1, 1, 5), prototypes[:, :, region], dim=-1)
+            assert torch.allclose(m[0, :, :, y, x], expected, atol=1e-6)
+
+
+def test_p_cr_matches_eq9_and_needs_a_temperature_to_reach_tau():
+    torch.manual_seed(0)
+    present = torch.ones(2, 4, dtype=torch.bool)
+    m = torch.rand(3, 2, 4, 5) * 2 - 1  # cosines of 3 voxels x 5 against 2 labeled volumes, 4 classes
+    expected = m.exp().sum(1) / m.exp().sum((1, 2)).unsqueeze(1)  # Eq. 9 as written
+    assert torch.allclose(semsim.prototype_logits(m, present, 1.0).exp(), expected, atol=1e-6)
+    bound = math.e / (math.e + 3 / math.e)  # ~0.711
+    assert semsim.prototype_logits(m, present, 1.0).exp().max() <= bound
+    best = torch.tensor([1.0, -1.0, -1.0, -1.0]).view(1, 1, 4, 1).repeat(1, 2, 1, 1)  # the extreme case
+    assert semsim.prototype_logits(best, present, 1.0).exp()[0, 0, 0].item() == pytest.approx(bound, abs=1e-6)
+    assert bound < 0.95  # tau = 0.95 is unreachable without a temperature ...
+    assert semsim.prototype_logits(best, present, 0.1).exp()[0, 0, 0].item() > 0.95  # ... and reachable with T=0.1
+    # the extreme case through real features: a query aligned with class 0, opposite to the three others
+    prototypes = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]]).view(1, 4, 1, 2)
+    m_real = semsim.prototype_similarity(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1), prototypes, grid=1)
+    assert semsim.prototype_logits(m_real, torch.ones(1, 4, dtype=torch.bool), 1.0).exp().max().item() == \
+        pytest.approx(bound, abs=1e-6)
+
+
+def test_p_cr_leaves_out_absent_classes_without_nan():
+    m = torch.tensor([[0.5, 0.2, 0.9], [0.1, 0.3, 0.9]]).view(1, 2, 3, 1, 1).requires_grad_()
+    present = torch.tensor([[True, True, False], [True, False, False]])  # class 2 absent from the whole batch
+    log_p = semsim.prototype_logits(m, present, 0.1)
+    e = torch.exp(torch.tensor([0.5, 0.2, 0.1]) / 0.1)
+    expected = torch.stack([e[0] + e[2], e[1], torch.tensor(0.0)]) / (e.sum())
+    assert torch.allclose(log_p.exp().flatten(), expected, atol=1e-6)
+    assert torch.isfinite(log_p).all()
+    log_p[0, :2].sum().backward()
+    assert torch.isfinite(m.grad).all() and m.grad[0, :, 2].abs().sum() == 0
+
+
+def test_uncertainty_weight_is_one_on_agreement_and_small_on_disagreement():
+    present = torch.ones(3, 4, dtype=torch.bool)
+    agree = torch.tensor([0.9, 0.1, -0.2, 0.0]).view(1, 1, 4, 1).repeat(2, 3, 1, 5)
+    assert torch.allclose(semsim.uncertainty_weight(agree, present, 0.1, 1000.0), torch.ones(2, 5))
+    disagree = agree.clone()
+    disagree[:, 1] = torch.tensor([0.0, 0.9, 0.1, -0.2]).view(1, 4, 1)  # volume 1 prefers another class
+    weight = semsim.uncertainty_weight(disagree, present, 0.1, 1000.0)
+    assert weight.shape == (2, 5) and (weight < 1e-3).all()
+    # by hand on two volumes with r = 1: q(j) = softmax(m(j) / T), qbar = mean, Ubar = mean_j exp(-KL(q(j) || qbar))
+    m = torch.tensor([[0.3, 0.0], [0.0, 0.3]]).view(1, 2, 2)
+    q = torch.softmax(m / 0.1, dim=-1)
+    qbar = q.mean(1, keepdim=True)
+    kl = (q * (q / qbar).log()).sum(-1)
+    assert semsim.uncertainty_weight(m, torch.ones(2, 2, dtype=torch.bool), 0.1, 1.0).item() == pytest.approx(
+        torch.exp(-kl).mean().item(), abs=1e-6)
+
+
+def cross_case():
+    """One labeled volume with orthogonal class directions e0, e1 (N = 1) and one unlabeled volume of two voxels:
+    weak voxel A along e0 (p2_w ~ 1, passes tau), weak voxel B halfway (p2_w = 0.5, masked); strong voxel A along
+    e1, so CE = -log p_cr(class 0) = log(1 + e^10) with T = 0.1."""
+    features_labeled = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 2)
+    label = torch.tensor([0, 1]).view(1, 1, 1, 2)
+    features_weak = torch.tensor([[1.0, 0.0], [1.0, 1.0]]).T.reshape(1, 2, 1, 2)
+    features_strong2 = torch.tensor([[0.0, 1.0], [0.3, 0.7]]).T.reshape(1, 2, 1, 2).requires_grad_()
+    return features_labeled, label, features_weak, features_strong2
+
+
+def test_cross_term_is_masked_by_tau_by_hand():
+    loss = semsim.SemSimLoss(num_classes=2, prototype_grid=1)
+    features_labeled, label, features_weak, features_strong2 = cross_case()
+    no_mix, partner = torch.zeros(1, 1, 1, 2), torch.tensor([0])
+    cross = loss.cross_term(features_labeled, label, features_weak, features_strong2, no_mix, partner)
+    # voxel B is below tau and counts as 0 in the mean over both voxels; one labeled volume: Ubar = 1
+    assert cross.item() == pytest.approx(math.log1p(math.exp(10.0)) / 2, rel=1e-5)
+
+
+def test_cross_term_is_weighted_by_the_uncertainty():
+    torch.manual_seed(0)
+    loss = semsim.SemSimLoss(num_classes=3, prototype_grid=2, uncertainty_sharpness=5.0)
+    features_labeled, features_weak, features_strong2 = (torch.randn(2, 4, 4, 4) for _ in range(3))
+    label = torch.randint(0, 3, (2, 1, 8, 8))  # resized to the 4x4 grid by nearest neighbour
+    mix = torch.zeros(2, 1, 8, 8)
+    mix[1, :, :4] = 1
+    partner = torch.tensor([1, 0])
+    cross = loss.cross_term(features_labeled, label, features_weak, features_strong2, mix, partner)
+    # assembled from the parts: nearest label on the grid, p2_w from the weak features, Ubar and p_cr from strong 2
+    label_grid = label[:, :, 1::2, 1::2]
+    prototypes, present = semsim.local_prototypes(features_labeled, label_grid, 3, 2)
+    p2 = semsim.prototype_logits(semsim.prototype_similarity(features_weak, prototypes, 2), present, 0.1).exp()
+    confidence, pseudo = p2.max(1, keepdim=True)
+    mix_grid = F.avg_pool2d(mix, 2)
+    target = semsim.cutmix_target(pseudo, mix_grid, partner)[:, 0]
+    confident = semsim.cutmix_target((confidence >= 0.95).float(), mix_grid, partner)[:, 0]
+    m = semsim.prototype_similarity(features_strong2, prototypes, 2)
+    weight = semsim.uncertainty_weight(m, present, 0.1, 5.0)
+    ce = -semsim.prototype_logits(m, present, 0.1).gather(1, target.unsqueeze(1))[:, 0]
+    assert 0 < confident.mean() < 1 and 0.01 < weight.min() < weight.max() < 0.999  # a non-trivial case
+    assert cross.item() == pytest.approx((confident * weight * ce).mean().item(), rel=1e-5)
+    assert cross.item() < (confident * ce).mean().item()
+
+
+# ------------------------------------------------------------------------------------------------ the whole loss
+
+
+def semsim_outputs(num_classes: int = 3, present_classes: int | None = None, seed: int = 0,
+                   features: bool = True, fp: bool = True) -> tuple[dict, torch.Tensor]:
+    """Outputs of one iteration on 2D 8x8 images (feature grid 4x4), B_l = B_u = 2, in a setting where many
+    voxels pass tau: logits and features follow one label map per volume, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    k = present_classes or num_classes
+    label = torch.randint(0, k, (2, 1, 4, 4), generator=g).repeat_interleave(2, 2).repeat_interleave(2, 3)
+    unlabeled = torch.randint(0, k, (2, 1, 4, 4), generator=g).repeat_interleave(2, 2).repeat_interleave(2, 3)
+
+    def logits(lab, scale):
+        onehot = F.one_hot(lab[:, 0], num_classes).movedim(-1, 1).float()
+        return (scale * onehot + torch.randn(onehot.shape, generator=g)).requires_grad_()
+
+    def feats(lab):
+        onehot = F.one_hot(lab[:, 0, ::2, ::2], 8).movedim(-1, 1).float()  # D = 8, one direction per class
+        return (onehot + 0.1 * torch.randn(onehot.shape, generator=g)).requires_grad_()
+
+    mix1, mix2 = torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8)
+    mix1[0, :, :4, :4] = 1
+    mix2[1, :, 4:, 2:6] = 1
+    outputs = {"labeled": logits(label, 3.0), "weak": logits(unlabeled, 6.0), "strong1": logits(unlabeled, 2.0),
+               "mix1": mix1, "mix2": mix2, "partner": torch.tensor([1, 0])}
+    if fp:
+        outputs["fp"] = logits(unlabeled, 2.0)
+    if features:
+        outputs.update(features_labeled=feats(label), features_weak=feats(unlabeled),
+                       features_strong1=feats(unlabeled), features_strong2=feats(unlabeled))
+    return outputs, label
+
+
+def test_supervised_only_is_half_dice_ce_and_reads_only_labeled():
+    outputs, label = semsim_outputs()
+    loss = semsim.SemSimLoss(3, unlabeled_weight=0, intra_weight=0, cross_weight=0)
+    total = loss({"labeled": outputs["labeled"]}, label)
+    reference = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.5, lambda_dice=0.5)(outputs["labeled"], label)
+    assert total.item() == 0.5 * reference.item()
+    assert set(loss.terms) == {"supervised", "total"}
+
+
+def test_without_similarity_terms_it_is_fixmatch():
+    outputs, label = semsim_outputs(features=False)
+    loss = semsim.SemSimLoss(3, intra_weight=0, cross_weight=0)
+    total = loss(outputs, label)  # no feature keys needed
+    p_weak = torch.softmax(outputs["weak"].detach(), 1)
+    confidence, pseudo = p_weak.max(1, keepdim=True)
+    mix, partner = outputs["mix1"].bool(), outputs["partner"]
+    mixed_pseudo = torch.where(mix, pseudo[partner], pseudo)
+    mixed_mask = torch.where(mix, confidence[partner], confidence) >= 0.95
+    strong = plain_masked_dice(torch.softmax(outputs["strong1"], 1), mixed_pseudo, mixed_mask.float())
+    perturbed = plain_masked_dice(torch.softmax(outputs["fp"], 1), pseudo, (confidence >= 0.95).float())
+    l_s = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.5, lambda_dice=0.5)(outputs["labeled"], label)
+    l_u = (strong + perturbed) / 2
+    assert 0 < (confidence >= 0.95).float().mean() < 1
+    assert total.item() == pytest.approx(0.5 * (l_s + 0.5 * l_u).item(), abs=1e-6)
+    assert set(loss.terms) == {"supervised", "unlabeled", "confident_fraction", "total"}
+    assert loss.terms["confident_fraction"].item() == pytest.approx((confidence >= 0.95).float().mean().item())
+    # without the feature-perturbed pass L_u is the strong-view Dice alone
+    del outputs["fp"]
+    assert loss(outputs, label).item() == pytest.approx(0.5 * (l_s + 0.5 * strong).item(), abs=1e-6)
+
+
+def test_full_loss_weights_the_terms_and_sends_gradients_where_the_paper_says():
+    outputs, label = semsim_outputs()
+    loss = semsim.SemSimLoss(3)
+    total = loss(outputs, label)
+    terms = loss.terms
+    assert set(terms) == {"supervised", "unlabeled", "intra", "cross", "confident_fraction", "total"}
+    assert all(terms[name] > 0 for name in ("supervised", "unlabeled", "intra", "cross"))
+    expected = 0.5 * (terms["supervised"] + 0.5 * terms["unlabeled"] + 0.25 * terms["intra"] + 0.25 * terms["cross"])
+    assert total.item() == pytest.approx(expected.item(), abs=1e-6)
+    total.backward()
+    for name in ("labeled", "strong1", "fp", "features_strong1", "features_strong2", "features_labeled"):
+        assert outputs[name].grad is not None and outputs[name].grad.abs().sum() > 0, name
+    # the weak view only makes targets: no gradient reaches its logits or its features
+    assert outputs["weak"].grad is None and outputs["features_weak"].grad is None
+
+
+def test_no_nan_with_a_class_absent_from_the_labeled_batch():
+    outputs, label = semsim_outputs(num_classes=4, present_classes=2)
+    assert label.max() <= 1
+    total = semsim.SemSimLoss(4)(outputs, label)
+    total.backward()
+    assert torch.isfinite(total)
+    assert all(torch.isfinite(v.grad).all() for v in outputs.values() if v.requires_grad and v.grad is not None)
+
+
+def test_no_nan_when_every_voxel_is_below_tau():
+    outputs, label = semsim_outputs()
+    outputs["weak"] = torch.zeros_like(outputs["weak"])  # uniform pseudo-labels
+    outputs["features_weak"] = torch.zeros_like(outputs["features_weak"])  # no similarity: uniform p1_w and p2_w
+    loss = semsim.SemSimLoss(3)
+    total = loss(outputs, label)
+    total.backward()
+    assert loss.terms["unlabeled"] == 0 and loss.terms["intra"] == 0 and loss.terms["cross"] == 0
+    assert loss.terms["confident_fraction"] == 0
+    assert total.item() == pytest.approx(0.5 * loss.terms["supervised"].item())
+    assert all(torch.isfinite(v.grad).all() for v in outputs.values() if v.requires_grad and v.grad is not None)
+
+
+def test_missing_outputs_and_bad_settings_are_refused():
+    outputs, label = semsim_outputs(features=False)
+    with pytest.raises(KeyError, match="intra_weight > 0 needs network outputs"):
+        semsim.SemSimLoss(3, cross_weight=0)(outputs, label)
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        semsim.SemSimLoss(3, intra_weight=-1)
+    with pytest.raises(ValueError, match="tau"):
+        semsim.SemSimLoss(3, confidence_threshold=0)
+
+
+# --------------------------------------------------------------------------------------- Spatial-aware Fusion Module
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_sfm_output_is_the_middle_scale(spatial_dims):
+    torch.manual_seed(0)
+    module = sfm.SpatialFusionModule(spatial_dims, (4, 8, 16), feature_size=16, window_size=2, num_heads=2)
+    coarse = (4, 6, 2)[:spatial_dims]
+    maps = [torch.randn(2, c, *(s * f for s in coarse)) for c, f in ((4, 4), (8, 2), (16, 1))]
+    out = module(maps)
+    assert out.shape == (2, 16, *(2 * s for s in coarse))
+    assert (out >= 0).all()  # ends in ReLU
+    out.sum().backward()
+    assert all(p.grad is not None for p in module.parameters())
+
+
+def test_sfm_windows_are_shared_across_scales():
+    x = torch.arange(2 * 3 * 8 * 12, dtype=torch.float).view(2, 3, 8, 12)
+    tokens = sfm.window_partition(x, (2, 3))  # 6 windows of 4x4 per image
+    assert tokens.shape == (12, 16, 3)
+    assert torch.equal(tokens[1], x[0, :, :4, 4:8].reshape(3, -1).T)  # image 0, window (0, 1)
+    assert torch.equal(sfm.window_merge(tokens, (2, 3), (8, 12)), x)
+    x3 = torch.randn(1, 2, 4, 6, 8)
+    assert torch.equal(sfm.window_merge(sfm.window_partition(x3, (2, 3, 4)), (2, 3, 4), (4, 6, 8)), x3)
+    # every window group attends within itself only: changing one window of the input changes that window's
+    # tokens alone (before the 3x3 fusion convolution mixes neighbours)
+    module = sfm.SpatialFusionModule(2, (2, 2, 2), feature_size=8, window_size=2, num_heads=2).eval()
+    maps = [torch.randn(1, 2, 16, 16), torch.randn(1, 2, 8, 8), torch.randn(1, 2, 4, 4)]
+    moved = [m.clone() for m in maps]
+    moved[2][..., :2, :2] += 1.0  # coarse window (0, 0) only
+    grid = (2, 2)
+    before, after = ([sfm.window_partition(p(m), grid) for p, m in zip(module.projections, ms)] for ms in (maps, moved))
+    out_before = module.block(torch.cat(before, 1))
+    out_after = module.block(torch.cat(after, 1))
+    changed = (out_before - out_after).abs().amax((1, 2)) > 1e-6
+    assert changed.tolist() == [True, False, False, False]
+
+
+def test_sfm_refuses_wrong_sizes_with_a_roi_hint():
+    module = sfm.SpatialFusionModule(2, (4, 8, 16), feature_size=16, window_size=2, num_heads=2)
+    with pytest.raises(ValueError, match=r"ratio 4:2:1.*roi_size divisible by 16"):
+        module([torch.randn(1, 4, 32, 32), torch.randn(1, 8, 16, 16), torch.randn(1, 16, 4, 4)])
+    with pytest.raises(ValueError, match=r"not divisible by the SFM window_size 2.*roi_size divisible by 16"):
+        module([torch.randn(1, 4, 12, 12), torch.randn(1, 8, 6, 6), torch.randn(1, 16, 3, 3)])
+    with pytest.raises(ValueError, match="three consecutive encoder maps"):
+        sfm.SpatialFusionModule(2, (4, 8))
+
+
+def test_sfm_parameter_count_is_near_the_papers():
+    module = sfm.SpatialFusionModule(2, (32, 64, 128), feature_size=128)
+    count = sum(p.numel() for p in module.parameters())
+    print(f"SFM parameters (D = 128, 2D, in_channels 32/64/128): {count / 1e6:.3f} M (paper: 0.79 M)")
+    assert 0.4e6 < count < 1.2e6
