@@ -218,6 +218,10 @@ class SemiSupervisedBatch:
         return inputs, move("label")
 
 
+class _EncoderDone(Exception):
+    """Raised by a forward hook to end a pass once the features it is run for exist."""
+
+
 class SemSimNetwork(torch.nn.Module):
     """The passes of one SemSim iteration, as one module for SupervisedTrainer (and DistributedDataParallel).
 
@@ -225,8 +229,10 @@ class SemSimNetwork(torch.nn.Module):
 
     1. labeled + weak views in one pass: "labeled" (B_l, K, *S), "weak" (B_u, K, *S) logits, and with the fusion
        module "features_labeled" / "features_weak" (B, D, *S/4);
-    2. the strong views: "strong1" logits; "features_strong1", and "features_strong2" from strong view 2 (the
-       paper's x_s2 serves only the cross-image term, Table VI), when the fusion module is used;
+    2. strong view 1: "strong1" logits and, with the fusion module, "features_strong1"; then strong view 2 for
+       "features_strong2" only: the paper's x_s2 serves only the cross-image term (Table VI), which reads SFM
+       features, so its pass ends at the deepest fused encoder stage (a forward hook stops it) and the rest of the
+       encoder and the decoder are not run;
     3. with ``feature_perturbation``, the weak view again with channel dropout on every encoder feature: "fp".
 
     Passes a term does not need are skipped: without unlabeled data (supervised-only) only pass 1's labeled part
@@ -250,11 +256,27 @@ class SemSimNetwork(torch.nn.Module):
         self.backbone, self.sfm = backbone, sfm
         self.fusion = list(fusion or ())
         self.taps = FeatureTaps(backbone, self.fusion) if sfm is not None else None
+        self._deepest_fused = dict(unwrap(backbone).named_modules())[self.fusion[-1]] if sfm is not None else None
         self.dropout = ChannelDropout(backbone, perturbed, feature_dropout) if feature_perturbation else None
 
     def _features(self) -> torch.Tensor:
         features = self.taps.pop()
         return self.sfm([features[name] for name in self.fusion])
+
+    def _encoder_features(self, image: torch.Tensor) -> torch.Tensor:
+        """The SFM features of ``image`` from a pass that stops once the deepest fused stage has run."""
+
+        def stop(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+            raise _EncoderDone
+
+        handle = self._deepest_fused.register_forward_hook(stop)  # after the taps' hook, which stores first
+        try:
+            self.backbone(image)
+        except _EncoderDone:
+            pass
+        finally:
+            handle.remove()
+        return self._features()
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         labeled = inputs["image"]
@@ -267,16 +289,15 @@ class SemSimNetwork(torch.nn.Module):
         if self.sfm is not None:
             features = self._features()
             out["features_labeled"], out["features_weak"] = features.split([n_labeled, n_unlabeled])
-            strong = self.backbone(torch.cat([inputs["unlabeled_strong1"], inputs["unlabeled_strong2"]]))
-            out["strong1"] = strong[:n_unlabeled]
-            out["features_strong1"], out["features_strong2"] = self._features().split([n_unlabeled, n_unlabeled])
-        else:
-            out["strong1"] = self.backbone(inputs["unlabeled_strong1"])
+        out["strong1"] = self.backbone(inputs["unlabeled_strong1"])
+        if self.sfm is not None:
+            out["features_strong1"] = self._features()
+            out["features_strong2"] = self._encoder_features(inputs["unlabeled_strong2"])
         if self.dropout is not None:
             with self.dropout.active():
                 out["fp"] = self.backbone(weak)
         if self.taps is not None:
-            self.taps.pop(strict=False)  # the strong-1-only and perturbed passes' features are not used
+            self.taps.pop(strict=False)  # the perturbed pass's features are not used
         for key in ("mix1", "mix2", "partner"):
             out[key] = inputs[key]
         return out
