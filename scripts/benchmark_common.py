@@ -1,11 +1,12 @@
 """Measurement machinery shared by the cost benchmarks (``benchmark_segresnet_vae.py``, ``benchmark_selfreg.py``,
-``benchmark_reseg.py``).
+``benchmark_reseg.py``, ``benchmark_semsim.py``).
 
-Each benchmark compares two variants of a training setup ("arms") and reports their ratios. This module holds what
-does not depend on the method: the run options (device, AMP, threads, iterations), interleaved timing with paired
-ratios, a training step on a synthetic batch as SupervisedTrainer runs it, whole-volume inference runs and their
-output difference, the peak memory of a training step in a fresh spawned process, the activations autograd saves
-for backward, and a description of the machine. It is imported as a top-level module from the benchmarks' own folder:
+Each benchmark compares variants of a training setup ("arms", two or more) and reports their ratios. This module
+holds what does not depend on the method: the run options (device, AMP, threads, iterations), interleaved timing
+with paired ratios, a training step on a synthetic batch as SupervisedTrainer runs it, whole-volume inference runs
+and their output difference, the peak memory of a training step in a fresh spawned process, the activations
+autograd saves for backward, and a description of the machine. It is imported as a top-level module from the
+benchmarks' own folder:
 
     from benchmark_common import interleaved_timing, step_memory
 """
@@ -27,6 +28,15 @@ from typing import TypeVar
 import torch
 
 SEED = 0
+# The bundles read the class count from the datalist; 3 is the tissue task's (background, grey and white matter).
+NUM_CLASSES = 3
+# CPU-friendly sizes for --small, half of the bundles' train.json; they also say which setting is "the size" of each
+# backbone.
+SMALL = {
+    "segresnet": {"init_filters": 8},
+    "unet": {"channels": [8, 16, 32, 64, 128]},
+    "swinunetr": {"feature_size": 12},
+}
 # Adam allocates its state on the first step, so the peak of a training step is reached by the second.
 MEMORY_STEPS = 2
 MMAP_THRESHOLD = 64 * 1024
@@ -97,9 +107,11 @@ def time_once(fn: Callable[[], object], device: str) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def interleaved_timing(fns: dict[str, Callable[[], object]], device: str, iters: int, warmup: int) -> Timing:
-    """Warm both up, then time them in alternation, swapping the order each round so that neither always runs
-    right after the other; the per-round ratio compares two runs that saw the same machine load."""
+def interleaved_times(fns: dict[str, Callable[[], object]], device: str, iters: int,
+                      warmup: int) -> dict[str, list[float]]:
+    """Warm all up, then time them in rounds, one run of each per round, reversing the order every other round so
+    that of any two neither always runs right after the other; returns each one's times (ms) in round order, so
+    that times of the same round, which saw the same machine load, can be paired (:func:`median_paired_ratio`)."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -108,13 +120,25 @@ def interleaved_timing(fns: dict[str, Callable[[], object]], device: str, iters:
     for round_ in range(iters):
         for name in names if round_ % 2 == 0 else reversed(names):
             times[name].append(time_once(fns[name], device))
-    first, second = names
+    return times
+
+
+def median_paired_ratio(times: dict[str, list[float]], first: str, second: str) -> float:
+    """The median over rounds of first's time / second's time in the same round (:func:`interleaved_times`)."""
+    return statistics.median(a / b for a, b in zip(times[first], times[second]))
+
+
+def interleaved_timing(fns: dict[str, Callable[[], object]], device: str, iters: int, warmup: int) -> Timing:
+    """Two arms timed by :func:`interleaved_times`, with their ratios first / second; the per-round ratio compares
+    two runs that saw the same machine load."""
+    first, second = fns
+    times = interleaved_times(fns, device, iters, warmup)
     return Timing(
         median_ms={n: statistics.median(t) for n, t in times.items()},
         min_ms={n: min(t) for n, t in times.items()},
         max_ms={n: max(t) for n, t in times.items()},
         ratio_of_medians=statistics.median(times[first]) / statistics.median(times[second]),
-        median_paired_ratio=statistics.median(a / b for a, b in zip(times[first], times[second])),
+        median_paired_ratio=median_paired_ratio(times, first, second),
     )
 
 
@@ -223,30 +247,42 @@ def saved_for_backward_mib(forward_loss: Callable[[], object], parameters: Itera
 
 
 class TrainingStep:
-    """One training iteration on a fixed synthetic batch (batch 1), as MONAI's SupervisedTrainer runs it: forward
-    and loss under autocast, a GradScaler-scaled backward and an optimizer step.
+    """One training iteration on a fixed synthetic batch (batch 1 unless ``batch_size``), as MONAI's
+    SupervisedTrainer runs it: ``prepare_batch`` (:meth:`batch`), then forward and loss under autocast, a
+    GradScaler-scaled backward and an optimizer step.
 
-    ``model`` is put on ``device`` in training mode; the batch is an image (1, in_channels, *roi) of Gaussian noise
-    and a label (1, 1, *roi) of uniform class indices, drawn after the model and optimizer exist.
+    ``model`` is put on ``device`` in training mode; the batch is an image (batch_size, in_channels, *roi) of
+    Gaussian noise and a label (batch_size, 1, *roi) of uniform class indices, drawn after the model and optimizer
+    exist. A subclass whose trainer has a ``prepare_batch`` (e.g. one that builds a dict of network inputs) overrides
+    :meth:`batch`.
     """
 
     def __init__(self, model: torch.nn.Module, loss: Callable[[object, torch.Tensor], torch.Tensor],
                  optimizer: torch.optim.Optimizer, device: str, amp: bool, in_channels: int, roi: Sequence[int],
-                 num_classes: int) -> None:
+                 num_classes: int, batch_size: int = 1) -> None:
         self.model = model.to(device).train()
         self.loss, self.optimizer = loss, optimizer
         self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=amp)
         self.device_type, self.amp = torch.device(device).type, amp
-        self.image = torch.randn(1, in_channels, *roi, device=device)
-        self.label = torch.randint(0, num_classes, (1, 1, *roi), device=device).float()
+        self.image = torch.randn(batch_size, in_channels, *roi, device=device)
+        self.label = torch.randint(0, num_classes, (batch_size, 1, *roi), device=device).float()
 
-    def forward_loss(self) -> torch.Tensor:
+    def batch(self) -> tuple[object, torch.Tensor]:
+        """The network input and the label of one iteration, as the trainer's ``prepare_batch`` returns them: the
+        fixed image and label here."""
+        return self.image, self.label
+
+    def forward_loss(self, inputs: object = None, label: torch.Tensor | None = None) -> torch.Tensor:
+        """Forward and loss on ``inputs`` and ``label``, by default a fresh :meth:`batch`."""
+        if inputs is None:
+            inputs, label = self.batch()
         with torch.autocast(self.device_type, enabled=self.amp):  # the trainer computes the loss under autocast too
-            return self.loss(self.model(self.image), self.label)
+            return self.loss(self.model(inputs), label)
 
     def __call__(self) -> None:
+        inputs, label = self.batch()  # before zero_grad and outside autocast, as in the trainer
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(self.forward_loss()).backward()
+        self.scaler.scale(self.forward_loss(inputs, label)).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
 

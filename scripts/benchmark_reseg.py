@@ -60,6 +60,8 @@ from monai.bundle import ConfigParser  # noqa: E402
 from monai.networks import nets  # noqa: E402
 
 from benchmark_common import (  # noqa: E402
+    NUM_CLASSES,
+    SMALL,
     Timing,
     TrainingStep,
     add_run_options,
@@ -83,17 +85,9 @@ from scripts.reseg import encode_label  # noqa: E402
 
 TRAIN_CONFIG = BUNDLE / "configs" / "train.json"
 INFERENCE_CONFIG = BUNDLE / "configs" / "inference.json"
-# The bundle reads the class count from the datalist; 3 is the tissue task's (background, grey and white matter).
-NUM_CLASSES = 3
 RESEG, BASELINE, PLAIN = "ReSeg", "baseline", "plain"
 # The budget: a stage-2 training step may cost at most 1.4 times the baseline's.
 TARGET_STEP_RATIO = 1.40
-# CPU-friendly sizes for --small, half of train.json's; they also say which setting is "the size" of each backbone.
-SMALL = {
-    "segresnet": {"init_filters": 8},
-    "unet": {"channels": [8, 16, 32, 64, 128]},
-    "swinunetr": {"feature_size": 12},
-}
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from monai.inferers import SlidingWindowInferer  # noqa: E402
 from monai.networks import nets  # noqa: E402
 
 from benchmark_common import (  # noqa: E402
+    NUM_CLASSES,
     Timing,
     TrainingStep,
     add_run_options,
@@ -59,8 +60,6 @@ from benchmark_common import (  # noqa: E402
 )
 from scripts.vae import SegResNetVAE, SegResNetVAELoss  # noqa: E402
 
-# The bundle reads the class count from the datalist; 3 is the tissue task's (background, grey and white matter).
-NUM_CLASSES = 3
 VAE, PLAIN = "SegResNetVAE", "SegResNet"
 RATIO_LABEL = "VAE/plain"
 

@@ -46,6 +46,8 @@ from monai.inferers import SlidingWindowInferer  # noqa: E402
 from monai.networks import nets  # noqa: E402
 
 from benchmark_common import (  # noqa: E402
+    NUM_CLASSES,
+    SMALL,
     Timing,
     TrainingStep,
     add_run_options,
@@ -66,17 +68,9 @@ from benchmark_common import (  # noqa: E402
 from scripts.backbones import check_roi_size, required_divisor  # noqa: E402
 from scripts.selfreg import SelfRegLoss, SelfRegTaps  # noqa: E402
 
-# The bundle reads the class count from the datalist; 3 is the tissue task's (background, grey and white matter).
-NUM_CLASSES = 3
 SELFREG, BASELINE, PLAIN = "SelfReg", "baseline", "plain"
 # The budget: the regulariser may add at most 10 % to a training step.
 TARGET_STEP_RATIO = 1.10
-# CPU-friendly sizes for --small, half of train.json's; they also say which setting is "the size" of each backbone.
-SMALL = {
-    "segresnet": {"init_filters": 8},
-    "unet": {"channels": [8, 16, 32, 64, 128]},
-    "swinunetr": {"feature_size": 12},
-}
 
 
 @dataclass(frozen=True)

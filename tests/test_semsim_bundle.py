@@ -112,7 +112,8 @@ def test_unlabeled_images_from_an_images_unlabeled_folder(synthetic_dataset, tmp
 
 
 def test_crop_the_fusion_module_cannot_window_is_refused_before_training(semi_dataset, tmp_path):
-    proc = train(tmp_path, semi_dataset, "segresnet", "--roi_size", "[40,40,40]", check=False)
+    proc = train(tmp_path, semi_dataset, "segresnet", "--roi_size", "[40,40,40]", "--sfm_window_size", "2",
+                 check=False)
     assert proc.returncode != 0
     assert "roi_size [40, 40, 40] does not suit the Spatial-aware Fusion Module" in proc.stderr
     assert "Epoch[" not in proc.stdout + proc.stderr

@@ -228,7 +228,8 @@ class SemSimNetwork(torch.nn.Module):
     ``forward(inputs)`` with the dict of :class:`SemiSupervisedBatch` returns the dict ``SemSimLoss`` reads:
 
     1. labeled + weak views in one pass: "labeled" (B_l, K, *S), "weak" (B_u, K, *S) logits, and with the fusion
-       module "features_labeled" / "features_weak" (B, D, *S/4);
+       module "features_labeled" / "features_weak" (B, D, *S/4), the latter without gradient (it only makes
+       targets);
     2. strong view 1: "strong1" logits and, with the fusion module, "features_strong1"; then strong view 2 for
        "features_strong2" only: the paper's x_s2 serves only the cross-image term (Table VI), which reads SFM
        features, so its pass ends at the deepest fused encoder stage (a forward hook stops it) and the rest of the
@@ -287,8 +288,11 @@ class SemSimNetwork(torch.nn.Module):
         logits = self.backbone(torch.cat([labeled, weak]))
         out = dict(zip(("labeled", "weak"), logits.split([n_labeled, n_unlabeled])))
         if self.sfm is not None:
-            features = self._features()
-            out["features_labeled"], out["features_weak"] = features.split([n_labeled, n_unlabeled])
+            tapped = self.taps.pop()
+            stages = [tapped[name] for name in self.fusion]
+            out["features_labeled"] = self.sfm([stage[:n_labeled] for stage in stages])
+            with torch.no_grad():  # the weak view's features only make targets (p1_w, p2_w), which carry no gradient
+                out["features_weak"] = self.sfm([stage[n_labeled:] for stage in stages])
         out["strong1"] = self.backbone(inputs["unlabeled_strong1"])
         if self.sfm is not None:
             out["features_strong1"] = self._features()
