@@ -78,11 +78,16 @@ def test_stage_two_without_checkpoint_is_refused_with_the_command(synthetic_data
     assert "Epoch[" not in proc.stdout + proc.stderr and "Loading dataset" not in proc.stderr
 
 
-def test_zero_weight_trains_the_plain_baseline_without_a_teacher(synthetic_dataset, tmp_path):
-    proc = run(tmp_path, synthetic_dataset, STAGE_2, "segresnet", "--reseg_weight", "0")
+@pytest.mark.parametrize("configs", ["stage 2", "both stages"])
+def test_zero_weight_trains_the_plain_baseline_without_a_teacher(configs, synthetic_dataset, tmp_path):
+    if configs == "stage 2":
+        proc = run(tmp_path, synthetic_dataset, STAGE_2, "segresnet", "--reseg_weight", "0")
+    else:  # the one command for both stages skips stage 1, which the baseline does not need
+        proc = run(tmp_path, synthetic_dataset, BOTH, "segresnet", "--reseg_weight", "0", run_id="training_all")
+        assert "stage 1 is skipped" in proc.stdout + proc.stderr
     log = proc.stdout + proc.stderr
     assert "train_seg" in log and "train_opt" not in log and "Restored all variables" not in log
-    assert not (tmp_path / "models/reconstruction.pt").exists()
+    assert "train_mse" not in log and not (tmp_path / "models/reconstruction.pt").exists()
 
 
 def test_export_is_the_plain_backbone_and_matches_eager(segresnet_run, tmp_path):
