@@ -81,12 +81,18 @@ def test_checkpoint_keeps_the_fusion_module_for_resume(trained, semi_dataset, tm
     assert "Epoch[1]" not in log and (resumed / "models/checkpoint_epoch=3.pt").is_file()
 
 
-def test_zero_weights_give_supervised_only_and_plain_fixmatch(semi_dataset, tmp_path):
+def test_zero_weights_give_supervised_only_and_plain_fixmatch(semi_dataset, synthetic_dataset, tmp_path):
     supervised = train(tmp_path / "sup", semi_dataset, "segresnet", "--unlabeled_weight", "0", "--intra_weight",
                        "0", "--cross_weight", "0")
     log = supervised.stdout + supervised.stderr
     assert "train_supervised" in log and "train_unlabeled" not in log and "train_intra" not in log
-    fixmatch = train(tmp_path / "fixmatch", semi_dataset, "segresnet", "--intra_weight", "0", "--cross_weight", "0")
+    # FixMatch on a fully labeled dataset whose unlabeled images come from an imagesUnlabeled/ folder
+    dataset = tmp_path / "data"
+    shutil.copytree(synthetic_dataset, dataset)
+    (dataset / "imagesUnlabeled").mkdir()
+    for path in sorted((dataset / "imagesTs").glob("*.nii.gz")) + sorted((dataset / "imagesTr").glob("*.nii.gz"))[:1]:
+        shutil.copy(path, dataset / "imagesUnlabeled" / f"u_{path.name}")
+    fixmatch = train(tmp_path / "fixmatch", dataset, "segresnet", "--intra_weight", "0", "--cross_weight", "0")
     log = fixmatch.stdout + fixmatch.stderr
     assert "train_unlabeled" in log and "train_intra" not in log and "train_cross" not in log
     assert "sfm" not in torch.load(tmp_path / "fixmatch/models/checkpoint_epoch=1.pt", weights_only=True)
@@ -99,16 +105,6 @@ def test_a_run_without_unlabeled_images_is_refused_unless_supervised_only(synthe
     assert "Epoch[" not in proc.stdout + proc.stderr
     train(tmp_path / "sup", synthetic_dataset, "segresnet", "--unlabeled_weight", "0", "--intra_weight", "0",
           "--cross_weight", "0")
-
-
-def test_unlabeled_images_from_an_images_unlabeled_folder(synthetic_dataset, tmp_path):
-    dataset = tmp_path / "data"
-    shutil.copytree(synthetic_dataset, dataset)
-    (dataset / "imagesUnlabeled").mkdir()
-    for path in sorted((dataset / "imagesTs").glob("*.nii.gz")) + sorted((dataset / "imagesTr").glob("*.nii.gz"))[:1]:
-        shutil.copy(path, dataset / "imagesUnlabeled" / f"u_{path.name}")
-    proc = train(tmp_path / "run", dataset, "segresnet", "--intra_weight", "0")
-    assert "train_unlabeled" in proc.stdout + proc.stderr and "train_cross" in proc.stdout + proc.stderr
 
 
 def test_crop_the_fusion_module_cannot_window_is_refused_before_training(semi_dataset, tmp_path):
