@@ -21,6 +21,28 @@ ALL_BUNDLES = sorted(p for p in BUNDLES.glob("*_segmentation") if p.is_dir())
 # MONAI's published model-zoo metadata schema (MONAI-extra-test-data 0.8.1), kept here so the check runs offline.
 SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"
 SCHEMA_MD5 = "06954cad2cc5d3784e72077ac76f0fc8"
+# Tiny backbones for CLI tests: the crop each takes (SwinUNETR needs sizes divisible by 32 and more than one voxel
+# at its bottleneck in training: 64^3), the bundle overrides that shrink it, and the same network built directly.
+BACKBONE_ROI = {"segresnet": "[32,32,32]", "unet": "[32,32,32]", "swinunetr": "[64,64,64]"}
+SMALL_BACKBONES = {
+    "segresnet": ["--backbones#segresnet#init_filters", "8"],
+    "unet": ["--backbones#unet#channels", "[8,16,32,64]", "--backbones#unet#strides", "[2,2,2]"],
+    "swinunetr": ["--backbones#swinunetr#feature_size", "12"],
+}
+
+
+def small_backbone(name: str) -> torch.nn.Module:
+    """The plain MONAI network that ``SMALL_BACKBONES[name]`` makes of the bundles' ``backbones`` (3 classes)."""
+    from monai.networks import nets
+
+    if name == "segresnet":
+        return nets.SegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=3)
+    if name == "unet":
+        return nets.UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(8, 16, 32, 64), strides=(2, 2, 2),
+                         num_res_units=2, norm="instance")
+    return nets.SwinUNETR(spatial_dims=3, in_channels=1, out_channels=3, feature_size=12)
+
+
 # The repository's tools import each other as top-level modules, as they do when run as scripts/<tool>.py.
 sys.path.insert(0, str(REPO / "scripts"))
 

@@ -14,15 +14,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES, assert_export_matches_eager, central_slices, run_bundle
-from monai.networks import nets
+from conftest import BACKBONE_ROI, BUNDLES, assert_export_matches_eager, central_slices, run_bundle, small_backbone
 
 RESEG_BUNDLE = BUNDLES / "reseg_segmentation"
 TINY = ["--spacing", "[1.5,1.5,1.5]", "--num_workers", "0", "--progress_bar", "False", "--max_epochs", "1"]
 STAGE_2 = ["configs/train.json"]
 BOTH = ["configs/train.json", "configs/train_reconstruction.json"]
-# SwinUNETR needs sizes divisible by 32 and more than one voxel at its bottleneck in training: 64^3.
-ROI = {"segresnet": "[32,32,32]", "unet": "[32,32,32]", "swinunetr": "[64,64,64]"}
 SMALL = {
     "segresnet": ["--backbones#segresnet#init_filters", "8"],
     # four strides: ReSeg's three levels need an encoder and a decoder map of equal shape each
@@ -34,7 +31,7 @@ SMALL = {
 def run(root: Path, dataset: Path, configs: list[str], backbone: str = "segresnet", *extra: str,
         run_id: str = "training", **kwargs):
     return run_bundle(RESEG_BUNDLE, configs, "--bundle_root", str(root), "--dataset_dir", str(dataset),
-                      "--backbone", backbone, "--roi_size", ROI[backbone], *SMALL[backbone], *TINY, *extra,
+                      "--backbone", backbone, "--roi_size", BACKBONE_ROI[backbone], *SMALL[backbone], *TINY, *extra,
                       run_id=run_id, **kwargs)
 
 
@@ -94,7 +91,7 @@ def test_export_is_the_plain_backbone_and_matches_eager(segresnet_run, tmp_path)
     root, _ = segresnet_run
     # nothing ReSeg-specific was saved with the segmentation network
     assert_export_matches_eager(RESEG_BUNDLE, root / "models/model.pt",
-                                nets.SegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=3), 32,
+                                small_backbone("segresnet"), 32,
                                 tmp_path / "model.ts", *SMALL["segresnet"])
 
 
@@ -122,8 +119,8 @@ def test_evaluate_and_infer_with_the_stage_two_model(segresnet_run, synthetic_da
 
     out = tmp_path / "pred"
     run_bundle(RESEG_BUNDLE, ["configs/inference.json"], "--bundle_root", str(root), "--dataset_dir",
-               str(synthetic_dataset), "--output_dir", str(out), "--roi_size", ROI["segresnet"], *SMALL["segresnet"],
-               "--spacing", "[1.5,1.5,1.5]", "--num_workers", "0")
+               str(synthetic_dataset), "--output_dir", str(out), "--roi_size", BACKBONE_ROI["segresnet"],
+               *SMALL["segresnet"], "--spacing", "[1.5,1.5,1.5]", "--num_workers", "0")
     assert len(list(out.glob("*_seg.nii.gz"))) == len(test_images)
     for image_path in test_images:
         pred = nib.load(out / image_path.name.replace(".nii.gz", "_seg.nii.gz"))

@@ -15,33 +15,27 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES, assert_export_matches_eager, central_slices, run_bundle
-from monai.networks import nets
+from conftest import (
+    BACKBONE_ROI,
+    BUNDLES,
+    SMALL_BACKBONES,
+    assert_export_matches_eager,
+    central_slices,
+    run_bundle,
+    small_backbone,
+)
 
 SEMSIM_BUNDLE = BUNDLES / "semsim_segmentation"
 TINY = ["--spacing", "[1.5,1.5,1.5]", "--num_workers", "0", "--progress_bar", "False", "--sfm_feature_size", "32"]
 TRAIN = ["configs/train.json"]
-# SwinUNETR needs sizes divisible by 32 and more than one voxel at its bottleneck in training: 64^3.
-ROI = {"segresnet": "[32,32,32]", "unet": "[32,32,32]", "swinunetr": "[64,64,64]"}
-SMALL = {
-    "segresnet": ["--backbones#segresnet#init_filters", "8"],
-    "unet": ["--backbones#unet#channels", "[8,16,32,64]", "--backbones#unet#strides", "[2,2,2]"],
-    "swinunetr": ["--backbones#swinunetr#feature_size", "12"],
-}
-EAGER = {
-    "segresnet": lambda: nets.SegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=3),
-    "unet": lambda: nets.UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(8, 16, 32, 64),
-                              strides=(2, 2, 2), num_res_units=2, norm="instance"),
-    "swinunetr": lambda: nets.SwinUNETR(spatial_dims=3, in_channels=1, out_channels=3, feature_size=12),
-}
 SEMSIM_TERMS = ("train_supervised", "train_unlabeled", "train_intra", "train_cross", "train_total")
 
 
 def train(root: Path, dataset: Path, backbone: str = "segresnet", *extra: str, epochs: int = 1,
           configs: list[str] = TRAIN, **kwargs):
     return run_bundle(SEMSIM_BUNDLE, configs, "--bundle_root", str(root), "--dataset_dir", str(dataset),
-                      "--max_epochs", str(epochs), "--backbone", backbone, "--roi_size", ROI[backbone],
-                      *SMALL[backbone], *TINY, *extra, run_id="training", **kwargs)
+                      "--max_epochs", str(epochs), "--backbone", backbone, "--roi_size", BACKBONE_ROI[backbone],
+                      *SMALL_BACKBONES[backbone], *TINY, *extra, run_id="training", **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +56,10 @@ def test_backbone_trains_semi_supervised_and_its_export_matches_eager(backbone, 
         log = proc.stdout + proc.stderr
     for term in (*SEMSIM_TERMS, "val_mean_dice"):
         assert term in log, term
-    size = int(ROI[backbone][1:3])
+    size = int(BACKBONE_ROI[backbone][1:3])
     # the plain backbone's keys: the fusion module is not part of the model
-    assert_export_matches_eager(SEMSIM_BUNDLE, root / "models/model.pt", EAGER[backbone](), size,
-                                tmp_path / "model.ts", "--backbone", backbone, *SMALL[backbone],
+    assert_export_matches_eager(SEMSIM_BUNDLE, root / "models/model.pt", small_backbone(backbone), size,
+                                tmp_path / "model.ts", "--backbone", backbone, *SMALL_BACKBONES[backbone],
                                 trace=backbone == "swinunetr")
 
 
@@ -119,13 +113,13 @@ def test_evaluate_and_infer_through_the_plain_backbone(trained, semi_dataset, tm
     root, _ = trained
     run_bundle(SEMSIM_BUNDLE, ["configs/train.json", "configs/evaluate.json"], "--bundle_root", str(root),
                "--dataset_dir", str(semi_dataset), "--eval_split", "test", "--roi_size", "[32,32,32]",
-               *SMALL["segresnet"], *TINY)
+               *SMALL_BACKBONES["segresnet"], *TINY)
     rows = list(csv.DictReader(open(root / "eval/val_mean_dice_raw.csv")))
     assert len(rows) == 1 and set(rows[0]) == {"filename", "class0", "class1", "mean"}
 
     out = tmp_path / "pred"
     run_bundle(SEMSIM_BUNDLE, ["configs/inference.json"], "--bundle_root", str(root), "--dataset_dir",
-               str(semi_dataset), "--output_dir", str(out), "--roi_size", "[32,32,32]", *SMALL["segresnet"],
+               str(semi_dataset), "--output_dir", str(out), "--roi_size", "[32,32,32]", *SMALL_BACKBONES["segresnet"],
                "--spacing", "[1.5,1.5,1.5]", "--num_workers", "0")
     for image_path in sorted((semi_dataset / "imagesTs").glob("*.nii.gz")):
         pred = nib.load(out / image_path.name.replace(".nii.gz", "_seg.nii.gz"))

@@ -192,6 +192,12 @@ def match_shapes(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Te
             _pool_channels(pool_to_size(teacher, size), channels))
 
 
+def _check_feature_norm(feature_norm: str) -> FeatureNorm:
+    if feature_norm not in ("instance", "none"):
+        raise ValueError(f"reseg_feature_norm must be 'instance' or 'none', got {feature_norm!r}")
+    return feature_norm
+
+
 def standardize_channels(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Each channel of each sample of (B, C, *S) to zero mean and unit variance over its spatial positions
     (instance normalisation without affine parameters; a map of one position becomes 0)."""
@@ -215,8 +221,7 @@ def feature_consistency(student: Mapping[str, torch.Tensor], teacher: Mapping[st
     MSE is the mean over all elements (``F.mse_loss``), in float32 so that AMP features do not lose the small
     differences; mismatched shapes go through :func:`match_shapes` before normalising.
     """
-    if feature_norm not in ("instance", "none"):
-        raise ValueError(f"reseg_feature_norm must be 'instance' or 'none', got {feature_norm!r}")
+    _check_feature_norm(feature_norm)
     weights = [1.0] * len(pairs) if pair_weights is None else list(pair_weights)
     if len(weights) != len(pairs):
         raise ValueError(f"reseg_pair_weights has {len(weights)} entries for {len(pairs)} reseg_pairs")
@@ -270,12 +275,10 @@ class ReSegLoss(torch.nn.Module):
                              "set reseg_weight 0 for the baseline")
         elif divisor <= 0:
             raise ValueError(f"reseg_divisor must be positive, got {divisor}")
-        elif feature_norm not in ("instance", "none"):
-            raise ValueError(f"reseg_feature_norm must be 'instance' or 'none', got {feature_norm!r}")
         self.student_taps, self.teacher_taps = student_taps, teacher_taps
         self.teacher = teacher.requires_grad_(False).eval() if teacher is not None else None
         self.pairs = [tuple(p) for p in pairs or ()]
-        self.pair_weights, self.divisor, self.feature_norm = pair_weights, divisor, feature_norm
+        self.pair_weights, self.divisor, self.feature_norm = pair_weights, divisor, _check_feature_norm(feature_norm)
         self.num_classes, self.label_encoding = num_classes, label_encoding
         self.terms: dict[str, torch.Tensor] = {}
 
