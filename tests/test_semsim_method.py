@@ -196,18 +196,30 @@ def test_p_cr_leaves_out_absent_classes_without_nan():
 def test_uncertainty_weight_is_one_on_agreement_and_small_on_disagreement():
     present = torch.ones(3, 4, dtype=torch.bool)
     agree = torch.tensor([0.9, 0.1, -0.2, 0.0]).view(1, 1, 4, 1).repeat(2, 3, 1, 5)
-    assert torch.allclose(semsim.uncertainty_weight(agree, present, 0.1, 1000.0), torch.ones(2, 5))
+    # float32 rounding of identical q(j) leaves KL ~ 1e-8, which r = 1000 turns into 1 - 1e-5
+    assert torch.allclose(semsim.uncertainty_weight(agree, present, 1000.0), torch.ones(2, 5), atol=1e-4)
     disagree = agree.clone()
     disagree[:, 1] = torch.tensor([0.0, 0.9, 0.1, -0.2]).view(1, 4, 1)  # volume 1 prefers another class
-    weight = semsim.uncertainty_weight(disagree, present, 0.1, 1000.0)
+    weight = semsim.uncertainty_weight(disagree, present, 1000.0)
     assert weight.shape == (2, 5) and (weight < 1e-3).all()
-    # by hand on two volumes with r = 1: q(j) = softmax(m(j) / T), qbar = mean, Ubar = mean_j exp(-KL(q(j) || qbar))
+    # by hand on two volumes with r = 1: q(j) = softmax(m(j)) (no temperature), qbar = mean,
+    # Ubar = mean_j exp(-KL(q(j) || qbar))
     m = torch.tensor([[0.3, 0.0], [0.0, 0.3]]).view(1, 2, 2)
-    q = torch.softmax(m / 0.1, dim=-1)
+    q = torch.softmax(m, dim=-1)
     qbar = q.mean(1, keepdim=True)
     kl = (q * (q / qbar).log()).sum(-1)
-    assert semsim.uncertainty_weight(m, torch.ones(2, 2, dtype=torch.bool), 0.1, 1.0).item() == pytest.approx(
+    assert semsim.uncertainty_weight(m, torch.ones(2, 2, dtype=torch.bool), 1.0).item() == pytest.approx(
         torch.exp(-kl).mean().item(), abs=1e-6)
+
+
+def test_uncertainty_weight_has_no_temperature():
+    """r = 1000 is the paper's value for untempered similarities: two volumes whose cosines differ by 0.05 mostly
+    agree (Ubar 0.79); with the prediction's T = 0.1 inside the KL the same pair would weigh 0.03."""
+    present = torch.ones(2, 3, dtype=torch.bool)
+    m = torch.tensor([[0.50, 0.10, -0.10], [0.45, 0.15, -0.10]]).view(1, 2, 3, 1)
+    assert semsim.uncertainty_weight(m, present, 1000.0).item() > 0.75
+    tempered = semsim.uncertainty_weight(m / 0.1, present, 1000.0)  # what T = 0.1 would have given
+    assert tempered.item() < 0.05
 
 
 def cross_case():
@@ -248,7 +260,7 @@ def test_cross_term_is_weighted_by_the_uncertainty():
     target = semsim.cutmix_target(pseudo, mix_grid, partner)[:, 0]
     confident = semsim.cutmix_target((confidence >= 0.95).float(), mix_grid, partner)[:, 0]
     m = semsim.prototype_similarity(features_strong2, prototypes, 2)
-    weight = semsim.uncertainty_weight(m, present, 0.1, 5.0)
+    weight = semsim.uncertainty_weight(m, present, 5.0)
     ce = -semsim.prototype_logits(m, present, 0.1).gather(1, target.unsqueeze(1))[:, 0]
     assert 0 < confident.mean() < 1 and 0.01 < weight.min() < weight.max() < 0.999  # a non-trivial case
     assert cross.item() == pytest.approx((confident * weight * ce).mean().item(), rel=1e-5)

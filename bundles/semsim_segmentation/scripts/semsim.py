@@ -168,18 +168,20 @@ def prototype_logits(similarity: torch.Tensor, present: torch.Tensor, temperatur
     return per_class - torch.logsumexp(per_class, dim=1, keepdim=True)
 
 
-def uncertainty_weight(similarity: torch.Tensor, present: torch.Tensor, temperature: float,
-                       sharpness: float) -> torch.Tensor:
+def uncertainty_weight(similarity: torch.Tensor, present: torch.Tensor, sharpness: float) -> torch.Tensor:
     """Eqs. 10-12: Ubar = 1/|B_l| sum_j exp(-r KL(q(j) || qbar)) per unlabeled voxel.
 
     similarity m (B_u, B_l, K, *G); present (B_l, K). Returns (B_u, *G) in (0, 1]: 1 where all labeled volumes give
     the same class distribution, near 0 where they disagree (r = ``sharpness`` = 1000 in the paper).
 
-    The KL needs distributions: q(j) = softmax_c(m(j, .) / T) over the classes present in volume j (the paper writes
-    KL(m(j) || mbar) on the similarities), qbar = mean_j q(j). A weight, so computed without gradient.
+    The KL needs distributions: q(j) = softmax_c m(j, .) over the classes present in volume j (the paper writes
+    KL(m(j) || mbar) on the similarities), qbar = mean_j q(j). No temperature here, unlike the prediction p_cr
+    (:func:`prototype_logits`): r = 1000 is the paper's value for the KL of untempered similarities, and a
+    temperature T scales small KLs by about 1/T^2 (T = 0.1 made r act as 10^5 and zeroed the weight almost
+    everywhere). A weight, so computed without gradient.
     """
     with torch.no_grad():
-        q = torch.softmax(_masked_scores(similarity, present, temperature), dim=2)
+        q = torch.softmax(_masked_scores(similarity, present, 1.0), dim=2)
         qbar = q.mean(dim=1, keepdim=True)
         # xlogy: 0 log 0 = 0 for classes absent from volume j (q(j, c) = 0, and qbar(c) may be 0 too)
         kl = (torch.special.xlogy(q, q) - torch.special.xlogy(q, qbar)).sum(dim=2)  # (B_u, B_l, *G)
@@ -200,7 +202,7 @@ class SemSimLoss(torch.nn.Module):
         affinity_max_tokens: the affinity grid cap (:func:`cap_grid`), 16^3 = 4096.
         prototype_grid: N, sub-regions per side for the local prototypes (4).
         prototype_temperature: T of the cross-image prediction (:func:`prototype_logits`).
-        uncertainty_sharpness: r of the uncertainty weight (1000).
+        uncertainty_sharpness: r of the uncertainty weight (1000), on untempered similarities.
 
     ``forward(outputs, label)`` reads the network's output dict (keys below) and the labels (B_l, 1, *S):
 
@@ -330,7 +332,7 @@ class SemSimLoss(torch.nn.Module):
             target = cutmix_target(pseudo, mix_grid, partner)[:, 0]
             confident = cutmix_target((confidence >= self.confidence_threshold).float(), mix_grid, partner)[:, 0]
         similarity = prototype_similarity(features_strong2, prototypes, self.prototype_grid)
-        weight = uncertainty_weight(similarity, present, self.prototype_temperature, self.uncertainty_sharpness)
+        weight = uncertainty_weight(similarity, present, self.uncertainty_sharpness)
         cross_entropy = F.nll_loss(prototype_logits(similarity, present, self.prototype_temperature), target,
                                    reduction="none")
         return (confident * weight * cross_entropy).mean()
