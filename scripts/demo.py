@@ -198,15 +198,17 @@ def load_volume(path: Path) -> np.ndarray:
 
 
 def draw_overlay(
-    image: np.ndarray, label: np.ndarray, pred: np.ndarray, foreground: Sequence[str], *, title: str, png: Path
+    image: np.ndarray, segmentations: dict[str, np.ndarray], foreground: Sequence[str], *, title: str, png: Path
 ) -> None:
-    """Image, ground truth and prediction for three axial slices, labels in discrete colours over the image."""
+    """The image, then each segmentation over it (``{heading: label volume}``, e.g. ground truth and prediction),
+    for three axial slices, labels in discrete colours."""
     slices = np.linspace(0, image.shape[2] - 1, 5).round().astype(int)[1:-1]  # quartiles: away from slab edges
     colours = ListedColormap(CLASS_COLOURS)
     window = np.percentile(image[image > 0], [1, 99])
-    fig, axes = plt.subplots(len(slices), 3, figsize=(9, 3.4 * len(slices)), squeeze=False)
+    panels = {"image": None, **segmentations}
+    fig, axes = plt.subplots(len(slices), len(panels), figsize=(3 * len(panels), 3.4 * len(slices)), squeeze=False)
     for row, z in zip(axes, slices, strict=True):
-        for ax, heading, seg in zip(row, ("image", "ground truth", "prediction"), (None, label, pred), strict=True):
+        for ax, (heading, seg) in zip(row, panels.items(), strict=True):
             # Transposed and origin="lower": anterior up, as an axial slice is usually shown.
             ax.imshow(image[:, :, z].T, cmap="gray", vmin=window[0], vmax=window[1], origin="lower")
             if seg is not None:
@@ -231,7 +233,8 @@ def write_overlay(dataset: Path, predictions: Path, foreground: Sequence[str], p
     pred = load_volume(prediction)
     # Inference writes the prediction back on the input's grid, so the three line up voxel by voxel.
     assert image.shape == label.shape == pred.shape, f"shapes differ: {image.shape}, {label.shape}, {pred.shape}"
-    draw_overlay(image, label, pred, foreground, title=f"SegResNet-VAE on the held-out case {name}", png=png)
+    draw_overlay(image, {"ground truth": label, "prediction": pred}, foreground,
+                 title=f"SegResNet-VAE on the held-out case {name}", png=png)
     return prediction
 
 
