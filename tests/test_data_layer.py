@@ -1,5 +1,6 @@
-"""The shared data layer: datalists (MSD and MONAI JSON), the dataset check's refusals, NRRD/MHA input, the
-real-volume dataset tool, and the bundles' copies of the shared code."""
+"""The shared data layer: datalists (MSD and MONAI JSON), NRRD/MHA/DICOM input through the dataset check, the
+real-volume dataset tool, and the bundles' copies of the shared code. The dataset check's refusals of bad input
+are in test_bad_input.py."""
 
 from __future__ import annotations
 
@@ -16,80 +17,12 @@ from conftest import BUNDLES, REPO, load_module
 data = load_module(REPO / "scripts/bundle_common/data.py")
 check = load_module(REPO / "scripts/bundle_common/dataset_check.py")
 sync = load_module(REPO / "scripts/sync_bundle_common.py")
-AFFINE = np.diag([1.5, 1.5, 1.5, 1.0])
-
-
-def save(path: Path, array: np.ndarray, affine: np.ndarray = AFFINE) -> str:
-    nib.save(nib.Nifti1Image(array, affine), path)
-    return str(path)
-
-
-@pytest.fixture
-def good_pair(tmp_path) -> dict:
-    image = np.random.RandomState(0).rand(8, 8, 8).astype(np.float32)
-    label = (image > 0.5).astype(np.uint8) + (image > 0.8)
-    return {"image": save(tmp_path / "img.nii.gz", image), "label": save(tmp_path / "lab.nii.gz", label)}
 
 
 def refusal(training: list[dict], validation: list[dict] | None = None, **kwargs) -> str:
     with pytest.raises(check.DatasetError) as err:
         check.check_dataset(training, validation if validation is not None else training, **{"num_classes": 3, **kwargs})
     return str(err.value)
-
-
-def test_good_pair_passes(good_pair):
-    assert check.check_dataset([good_pair], [good_pair], num_classes=3, in_channels=1) == 2
-
-
-def test_missing_file(good_pair, tmp_path):
-    missing = str(tmp_path / "nope.nii.gz")
-    assert f"{missing}: file does not exist" in refusal([{**good_pair, "image": missing}])
-
-
-def test_unreadable_file(good_pair, tmp_path):
-    broken = tmp_path / "broken.nii.gz"
-    broken.write_bytes(b"not an image")
-    assert f"{broken}: cannot be read" in refusal([{**good_pair, "image": str(broken)}])
-
-
-def test_shape_mismatch(good_pair, tmp_path):
-    label = save(tmp_path / "small.nii.gz", np.zeros((8, 8, 6), np.uint8))
-    assert f"{label}: spatial shape (8, 8, 6) differs from its image {good_pair['image']}" in refusal(
-        [{**good_pair, "label": label}])
-
-
-def test_affine_mismatch(good_pair, tmp_path):
-    shifted = AFFINE.copy()
-    shifted[0, 3] = 10.0
-    label = save(tmp_path / "shifted.nii.gz", np.zeros((8, 8, 8), np.uint8), shifted)
-    assert f"{label}: affine differs from its image" in refusal([{**good_pair, "label": label}])
-
-
-def test_label_values_outside_classes(good_pair):
-    message = refusal([good_pair], num_classes=2)
-    assert f"{good_pair['label']}: label values [2] are outside the 2 declared classes 0..1" in message
-
-
-def test_nan_intensities(good_pair, tmp_path):
-    image = np.ones((8, 8, 8), np.float32)
-    image[1, 2, 3] = np.nan
-    path = save(tmp_path / "nan.nii.gz", image)
-    assert f"{path}: contains NaN or Inf intensities" in refusal([{**good_pair, "image": path}])
-
-
-def test_channel_count(good_pair, tmp_path):
-    path = save(tmp_path / "two_channels.nii.gz", np.zeros((8, 8, 8, 2), np.float32))
-    assert f"{path}: has 2 channel(s), the network expects 1" in refusal([{**good_pair, "image": path}])
-
-
-def test_fewer_cases_than_processes(good_pair):
-    assert "1 training case(s), fewer than the 2 training processes" in refusal([good_pair], world_size=2)
-
-
-def test_all_problems_reported_together(good_pair, tmp_path):
-    missing = str(tmp_path / "gone.nii.gz")
-    message = refusal([good_pair, {**good_pair, "label": missing}], num_classes=2)
-    assert missing in message and "label values [2]" in message
 
 
 @pytest.mark.parametrize("ext", ["nrrd", "mha"])

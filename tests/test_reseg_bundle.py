@@ -1,7 +1,7 @@
 """The ReSeg bundle through MONAI's bundle CLI: stage 1 then stage 2 on tiny data for each backbone (one command for
 both stages), the refusal of stage 2 without a stage-1 checkpoint, a = 0 as the plain baseline without a teacher,
-a TorchScript export of the plain backbone that matches eager output, evaluation and inference with the stage-2
-model, stage 2 in 2-process DDP on CPU (gloo), and 2D training."""
+a stage-2 model.pt that is the plain backbone (whose exports test_export.py checks), evaluation and inference with
+the stage-2 model, stage 2 in 2-process DDP on CPU (gloo), and 2D training."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BACKBONE_ROI, BUNDLES, assert_export_matches_eager, central_slices, run_bundle, small_backbone
+from conftest import BACKBONE_ROI, BUNDLES, assert_plain_backbone_checkpoint, central_slices, run_bundle
 
 RESEG_BUNDLE = BUNDLES / "reseg_segmentation"
 TINY = ["--spacing", "[1.5,1.5,1.5]", "--num_workers", "0", "--progress_bar", "False", "--max_epochs", "1"]
@@ -87,12 +87,10 @@ def test_zero_weight_trains_the_plain_baseline_without_a_teacher(configs, synthe
     assert "train_mse" not in log and not (tmp_path / "models/reconstruction.pt").exists()
 
 
-def test_export_is_the_plain_backbone_and_matches_eager(segresnet_run, tmp_path):
+def test_stage_two_saves_the_plain_backbone(segresnet_run):
     root, _ = segresnet_run
-    # nothing ReSeg-specific was saved with the segmentation network
-    assert_export_matches_eager(RESEG_BUNDLE, root / "models/model.pt",
-                                small_backbone("segresnet"), 32,
-                                tmp_path / "model.ts", *SMALL["segresnet"])
+    # nothing ReSeg-specific (no teacher, no feature taps) was saved with the segmentation network
+    assert_plain_backbone_checkpoint(root / "models/model.pt", "segresnet")
 
 
 def test_two_dimensional_training_with_the_same_code(synthetic_dataset, tmp_path):

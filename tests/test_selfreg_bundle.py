@@ -1,5 +1,5 @@
-"""The SelfReg bundle through MONAI's bundle CLI: each backbone trains on tiny data and exports a TorchScript
-model that matches eager output; lambda = 0 trains the plain baseline; resume, evaluation, inference, 2D
+"""The SelfReg bundle through MONAI's bundle CLI: each backbone trains on tiny data and saves the plain backbone
+(whose exports test_export.py checks); lambda = 0 trains the plain baseline; resume, evaluation, inference, 2D
 training, 2-process DDP on CPU (gloo) and the refusal of a window the backbone cannot take."""
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from conftest import (
     BACKBONE_ROI,
     SELFREG_BUNDLE,
     SMALL_BACKBONES,
-    assert_export_matches_eager,
+    assert_plain_backbone_checkpoint,
     central_slices,
     run_bundle,
-    small_backbone,
 )
 
 TINY = ["--spacing", "[1.5,1.5,1.5]", "--num_workers", "0", "--progress_bar", "False"]
@@ -44,7 +43,7 @@ def trained(tmp_path_factory, synthetic_dataset):
 
 
 @pytest.mark.parametrize("backbone", ["segresnet", "unet", "swinunetr"])
-def test_backbone_trains_and_its_export_matches_eager(backbone, synthetic_dataset, tmp_path, trained):
+def test_backbone_trains_and_saves_the_plain_backbone(backbone, synthetic_dataset, tmp_path, trained):
     if backbone == "segresnet":
         root, log = trained
     else:
@@ -53,11 +52,8 @@ def test_backbone_trains_and_its_export_matches_eager(backbone, synthetic_datase
         log = proc.stdout + proc.stderr
     for term in ("train_seg", "train_scr", "train_ifd", "train_total", "val_mean_dice"):
         assert term in log, term
-    size = int(BACKBONE_ROI[backbone][1:3])
     # the plain backbone's keys: nothing SelfReg-specific was saved
-    assert_export_matches_eager(SELFREG_BUNDLE, root / "models/model.pt", small_backbone(backbone), size,
-                                tmp_path / "model.ts", "--backbone", backbone, *SMALL_BACKBONES[backbone],
-                                trace=backbone == "swinunetr")
+    assert_plain_backbone_checkpoint(root / "models/model.pt", backbone)
 
 
 def test_zero_weight_trains_the_plain_baseline(synthetic_dataset, tmp_path):

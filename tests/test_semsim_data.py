@@ -1,11 +1,13 @@
 """SemSim's semi-supervised data: the labelled/validation/unlabelled split of a datalist (three ways of giving
-unlabelled images), the dataset check of unlabelled images, the refusal without unlabelled images, the loader that
-pairs labelled and unlabelled batches, and make_dataset.py --labeled."""
+unlabelled images), the unlabelled pool of a MONAI Label datastore (no datalist), the dataset check of unlabelled
+images, the refusal without unlabelled images, the loader that pairs labelled and unlabelled batches, and
+make_dataset.py --labeled."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from itertools import zip_longest
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 import torch
 from conftest import BUNDLES, REPO, bundle_module, load_module
 from ignite.engine import Events
+from monai.bundle import ConfigParser
 from monai.engines import SupervisedTrainer
 from monai.losses import DiceLoss
 from torch.utils.data import DataLoader, DistributedSampler
@@ -129,6 +132,77 @@ def test_split_datalist_unchanged(tmp_path, seed, fraction, validation):
     assert data.semi_supervised_split(datalist, str(tmp_path), fraction, seed) == {**split, "unlabeled": []}
 
 
+def write_datastore(root: Path) -> tuple[list[dict], list[dict]]:
+    """A MONAI Label local datastore: every image in studies/ (labelled a, b, c; unlabelled d, e; a symlink to a;
+    the datastore's own JSON), labels under studies/labels/final; plus a second folder other/ with a labelled
+    f.nii (its label in other_labels/) and an unlabelled g.nii. Returns the training and validation items MONAI
+    Label would pass."""
+    studies, other = root / "studies", root / "other"
+    for name in ("a", "b", "c", "d", "e"):
+        save(studies / f"{name}.nii.gz")
+    for name in ("a", "b", "c"):
+        save(studies / f"labels/final/{name}.nii.gz", np.zeros((6, 6, 6), np.uint8))
+    (studies / "datastore_v2.json").write_text("{}")
+    os.symlink(studies / "a.nii.gz", studies / "link_to_a.nii.gz")
+    save(other / "f.nii")
+    save(root / "other_labels/f.nii", np.zeros((6, 6, 6), np.uint8))
+    save(other / "g.nii")
+
+    def item(image: Path, label: Path) -> dict:
+        return {"image": str(image), "label": str(label)}
+
+    training = [item(studies / f"{n}.nii.gz", studies / f"labels/final/{n}.nii.gz") for n in ("a", "b")]
+    validation = [item(studies / "c.nii.gz", studies / "labels/final/c.nii.gz"),
+                  item(other / "f.nii", root / "other_labels/f.nii")]
+    return training, validation
+
+
+def test_datastore_unlabeled_is_every_other_image_beside_the_labelled(tmp_path):
+    training, validation = write_datastore(tmp_path)
+    pool = semi_data.datastore_unlabeled(training, validation)
+    # studies/ first (the first item's folder), names sorted; the labelled images, their labels (labels/final is a
+    # folder), the symlink to a labelled image and the datastore's JSON are left out; other/ only by its own images
+    expected = [tmp_path / "studies/d.nii.gz", tmp_path / "studies/e.nii.gz", tmp_path / "other/g.nii"]
+    assert pool == [{"image": str(path)} for path in expected]
+    assert semi_data.datastore_unlabeled(training) == [{"image": str(tmp_path / f"studies/{n}.nii.gz")}
+                                                        for n in ("c", "d", "e")]
+
+
+def semsim_train_config(dataset_dir: Path, bundle_root: Path, **overrides) -> ConfigParser:
+    """SemSim's train.json as ``monai.bundle run`` parses it, with ``overrides`` (config ids, ``#`` for ``__``)."""
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / "semsim_segmentation/configs/train.json"))
+    parser.update({"bundle_root": str(bundle_root), "dataset_dir": str(dataset_dir),
+                   **{key.replace("__", "#"): value for key, value in overrides.items()}})
+    return parser
+
+
+def test_train_config_without_datalist_uses_the_datastore(tmp_path, semi_dataset, bundle_on_path):
+    """As MONAI Label runs the bundle: no datalist, the datastore's labelled items as train#dataset#data and
+    validate#dataset#data. The classes are metadata.json's, the unlabelled pool is the other images in their
+    folders, and an interval checkpoint is not resumed (each MONAI Label training is a new run). With a datalist
+    the config is unchanged: its own split's unlabelled images, and resume."""
+    bundle_on_path(BUNDLES / "semsim_segmentation")
+    root = tmp_path / "bundle"
+    shutil.copytree(BUNDLES / "semsim_segmentation/configs", root / "configs")
+    (root / "models").mkdir()
+    (root / "models/checkpoint_epoch=3.pt").write_bytes(b"")
+    training, validation = write_datastore(tmp_path)
+    datastore = semsim_train_config(tmp_path / "no_dataset", root, train__dataset__data=training,
+                                    validate__dataset__data=validation)
+    assert datastore.get_parsed_content("classes") == ["background", "grey matter", "white matter"]
+    assert names(datastore.get_parsed_content("unlabeled_items")) == ["d.nii.gz", "e.nii.gz", "g.nii"]
+    assert datastore.get_parsed_content("check_data") == 2 + 2 + 3  # the given pairs and the pool
+    assert datastore.get_parsed_content("resume_loader") is None
+
+    cli = semsim_train_config(semi_dataset, root)
+    split = data.semi_supervised_split(str(semi_dataset / "dataset.json"), str(semi_dataset))
+    assert cli.get_parsed_content("unlabeled_items") == split["unlabeled"] != []
+    assert cli.get_parsed_content("check_data") == check.check_dataset(
+        split["training"], split["validation"], num_classes=3, unlabeled=split["unlabeled"])
+    assert cli.get_parsed_content("resume_loader") is not None
+
+
 def test_refusals_name_the_datalist(tmp_path):
     only_unlabeled = write_datalist(tmp_path / "a", 0, 3)
     with pytest.raises(ValueError, match=f"datalist {only_unlabeled} has no labelled case"):
@@ -152,7 +226,7 @@ def test_check_dataset_names_every_bad_unlabeled_image(tmp_path):
         "missing": str(tmp_path / "missing.nii.gz"),
         "nan": save(tmp_path / "nan.nii.gz", nan),
         "channels": save(tmp_path / "channels.nii.gz", np.zeros((6, 6, 6, 2), np.float32)),
-        "flat": save(tmp_path / "flat.nii.gz", np.zeros((6, 6), np.float32)),
+        "flat": save(tmp_path / "flat.nii.gz", np.arange(36, dtype=np.float32).reshape(6, 6)),
     }
     with pytest.raises(check.DatasetError) as err:
         check.check_dataset([pair], [pair], unlabeled=[good, *({"image": p} for p in bad.values())])
@@ -161,7 +235,7 @@ def test_check_dataset_names_every_bad_unlabeled_image(tmp_path):
     assert f"{bad['missing']}: file does not exist" in message
     assert f"{bad['nan']}: contains NaN or Inf intensities" in message
     assert f"{bad['channels']}: has 2 channel(s), the network expects 1" in message
-    assert f"{bad['flat']}: has 2 spatial dimension(s), the labelled images have 3" in message
+    assert f"{bad['flat']}: has 2 spatial dimension(s) (shape [6, 6]), the network is 3D" in message
     assert good["image"] not in message
 
 

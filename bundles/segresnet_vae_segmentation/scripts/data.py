@@ -139,9 +139,10 @@ def evaluation_items(
 
 
 def check_output_dir(output_dir: str, inputs: Sequence[dict], key: str = "image") -> str:
-    """Refuse to write predictions into a folder that holds inputs, and refuse an empty input list.
+    """Refuse to write predictions into a folder that holds inputs or into a folder inside one, and refuse an
+    empty input list.
 
-    Predictions go into their own folder so that no file a user gave us is overwritten. Returns ``output_dir``.
+    Predictions go into their own folder so that no input folder is ever written. Returns ``output_dir``.
     """
     if not inputs:
         raise ValueError("no input images found: check --dataset_dir (inference reads <dataset_dir>/imagesTs) or --datalist")
@@ -149,16 +150,29 @@ def check_output_dir(output_dir: str, inputs: Sequence[dict], key: str = "image"
     input_dirs = {os.path.dirname(os.path.realpath(str(item[key]))) for item in inputs}
     if out in input_dirs:
         raise ValueError(f"output_dir {output_dir} is an input folder: choose another --output_dir so inputs stay untouched")
+    inside = sorted(d for d in input_dirs if os.path.commonpath([out, d]) == d)
+    if inside:
+        raise ValueError(
+            f"output_dir {output_dir} is inside the input folder {inside[0]}: choose another --output_dir so input "
+            "folders stay untouched"
+        )
     return output_dir
 
 
-def read_class_names(datalist: str, class_names: Sequence[str] | None = None) -> list[str]:
+def read_class_names(
+    datalist: str, class_names: Sequence[str] | None = None, metadata_file: str | None = None
+) -> list[str]:
     """Class names in label-value order, from ``class_names`` if given, else from the datalist's ``labels``.
 
-    MSD's ``labels`` maps label values to names: ``{"0": "background", "1": "tumour"}``.
+    MSD's ``labels`` maps label values to names: ``{"0": "background", "1": "tumour"}``. When the datalist file
+    does not exist but ``metadata_file`` (the bundle's ``configs/metadata.json``) does, the names are the
+    ``channel_def`` of its first ``network_data_format`` output: MONAI Label passes its datastore's items to the
+    bundle directly, has no datalist, and shows exactly these labels for the bundle.
     """
     if class_names:
         return list(class_names)
+    if metadata_file and not os.path.isfile(datalist) and os.path.isfile(metadata_file):
+        return _metadata_class_names(metadata_file)
     labels = _read_json(datalist).get("labels")
     if not labels:
         raise ValueError(
@@ -169,3 +183,19 @@ def read_class_names(datalist: str, class_names: Sequence[str] | None = None) ->
     if values != list(range(len(values))):
         raise ValueError(f"datalist {datalist}: label values {values} must be 0..N-1 without gaps")
     return [labels[str(v)] for v in values]
+
+
+def _metadata_class_names(metadata_file: str) -> list[str]:
+    """The ``channel_def`` of the first output in a bundle's metadata.json, in channel order."""
+    with open(metadata_file) as f:
+        outputs = json.load(f).get("network_data_format", {}).get("outputs", {})
+    channel_def = next(iter(outputs.values()), {}).get("channel_def")
+    if not channel_def:
+        raise ValueError(
+            f"{metadata_file}: its first network_data_format output has no channel_def, so the class names are "
+            "unknown: add one ({'0': 'background', ...}) or pass --class_names \"['background', 'organ']\""
+        )
+    values = sorted(int(v) for v in channel_def)
+    if values != list(range(len(values))):
+        raise ValueError(f"{metadata_file}: channel_def indices {values} must be 0..N-1 without gaps")
+    return [channel_def[str(v)] for v in values]

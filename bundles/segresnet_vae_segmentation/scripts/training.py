@@ -1,6 +1,6 @@
 # Generated from scripts/bundle_common/training.py by scripts/sync_bundle_common.py: edit that file, not this copy.
 """Ignite pieces every method bundle needs and MONAI does not ship: per-term loss logging, per-class Dice,
-HD95 in millimetres, and finding the checkpoint to resume from."""
+HD95 in millimetres, finding the checkpoint to resume from, and stopping when the loss is no longer finite."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import glob
 import os
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from ignite.engine import Engine, Events
@@ -101,3 +101,51 @@ def latest_checkpoint(ckpt_dir: str, pattern: str = "checkpoint_epoch=*.pt") -> 
     if not found:
         return None
     return max(found, key=lambda p: int(re.findall(r"\d+", os.path.basename(p))[-1]))
+
+
+class StopOnNonFinite:
+    """Stop training with FloatingPointError when the loss or the network's weights become NaN or Inf.
+
+    The loss is checked after every iteration and the weights at the end of every epoch (the last step of an
+    epoch can break them after a finite loss). Attach this handler before the ValidationHandler and the
+    checkpoint savers: it raises before they run, so nothing of the bad epoch replaces the last good checkpoint
+    or ``model.pt``. ignite's TerminateOnNan would end the run as if it had finished (exit status 0).
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        ckpt_dir: str,
+        checkpoint_pattern: str = "checkpoint_epoch=*.pt",
+        output_transform: Callable = from_engine(["loss"], first=True),
+    ) -> None:
+        self.network = network
+        self.ckpt_dir = ckpt_dir
+        self.checkpoint_pattern = checkpoint_pattern
+        self.output_transform = output_transform
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.check_loss)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.check_weights)
+
+    def check_loss(self, engine: Engine) -> None:
+        loss = torch.as_tensor(self.output_transform(engine.state.output)).detach()
+        bad = loss[~torch.isfinite(loss)]
+        if bad.numel():
+            iteration = (engine.state.iteration - 1) % engine.state.epoch_length + 1
+            self._stop(engine, f"the loss is {bad.flatten()[0].item()} at iteration {iteration}")
+
+    def check_weights(self, engine: Engine) -> None:
+        broken = [name for name, p in self.network.named_parameters() if not torch.isfinite(p.detach()).all()]
+        if broken:
+            self._stop(engine, f"{len(broken)} weight tensors hold NaN or Inf ({broken[0]}, ...) at the end")
+
+    def _stop(self, engine: Engine, problem: str) -> None:
+        last = latest_checkpoint(self.ckpt_dir, self.checkpoint_pattern)
+        kept = f"{last} is the last good checkpoint" if last else f"no checkpoint was saved in {self.ckpt_dir} yet"
+        raise FloatingPointError(
+            f"Training stopped: {problem} of epoch {engine.state.epoch}. Nothing of this epoch was saved: {kept}, "
+            "and the best model saved by validation is unchanged. Check the data, or train again from the start "
+            "(--resume False) with a lower --learning_rate or with --amp False: resuming restores the optimiser "
+            "and its learning rate."
+        )

@@ -2,15 +2,76 @@
 labelled batch with an unlabelled one for MONAI's ``SupervisedTrainer``.
 
 The unlabelled images themselves come from ``scripts.data.semi_supervised_split`` (``training`` entries without a
-``label``, an ``imagesUnlabeled/`` folder, or an ``unlabeled`` key in a datalist).
+``label``, an ``imagesUnlabeled/`` folder, or an ``unlabeled`` key in a datalist), or, without a datalist (MONAI
+Label), from the folders of the labelled images (:func:`datastore_unlabeled`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterator, Sequence
 from itertools import islice
 
 from torch.utils.data import DataLoader
+
+from .data import _image_files, semi_supervised_split
+
+logger = logging.getLogger(__name__)
+
+
+def datastore_unlabeled(labeled: Sequence[dict], validation: Sequence[dict] = ()) -> list[dict]:
+    """The unlabelled images of a MONAI Label datastore: every image file in the folders that hold the labelled and
+    validation images, except those images themselves; folder by folder in first-seen order, files sorted.
+
+    MONAI Label's local datastore keeps every image, labelled or not, in one studies folder (its labels apart, under
+    ``labels/final``) and gives a bundle's training only the labelled ones, as ``train#dataset#data`` and
+    ``validate#dataset#data``; the other images beside them are the unlabelled pool. Images are compared by
+    resolved path, and the file types are those of an ``imagesUnlabeled/`` folder (.nii, .nii.gz, .nrrd, .mha, .mhd).
+
+    Returns:
+        ``[{"image": path}, ...]``.
+    """
+    cases = [str(item["image"]) for item in [*labeled, *validation]]
+    taken = {os.path.realpath(image) for image in cases}
+    folders = dict.fromkeys(os.path.dirname(os.path.realpath(image)) for image in cases)
+    unlabeled = []
+    for folder in folders:
+        for image in _image_files(folder):
+            if os.path.realpath(image) not in taken:
+                taken.add(os.path.realpath(image))
+                unlabeled.append({"image": image})
+    return unlabeled
+
+
+def unlabeled_pool(
+    datalist: str,
+    base_dir: str,
+    labeled: Sequence[dict],
+    validation: Sequence[dict],
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    unlabeled_dir: str | None = None,
+) -> list[dict]:
+    """The unlabelled images SemSim trains on.
+
+    With a datalist file, those it gives (``scripts.data.semi_supervised_split`` with the same seeded split as the
+    labelled items). Without one, the training items were given directly, as MONAI Label does with its datastore's
+    labelled images: then the other images in their folders (:func:`datastore_unlabeled`).
+
+    Args:
+        datalist, base_dir, val_fraction, seed, unlabeled_dir: as for ``semi_supervised_split``.
+        labeled, validation: the labelled training and validation items the run trains and validates on.
+    """
+    if os.path.isfile(datalist):
+        return semi_supervised_split(datalist, base_dir, val_fraction, seed, unlabeled_dir)["unlabeled"]
+    pool = datastore_unlabeled(labeled, validation)
+    folders = sorted({os.path.dirname(str(item["image"])) for item in [*labeled, *validation]})
+    logger.info(
+        f"no datalist {datalist}: the unlabelled pool is the {len(pool)} other image(s) in {folders}, the folder(s) "
+        f"of the {len(labeled)} labelled training and {len(validation)} validation image(s)"
+    )
+    return pool
 
 
 def require_unlabeled(items: Sequence[dict], datalist: str, weights: Sequence[float]) -> list[dict]:
@@ -30,7 +91,8 @@ def require_unlabeled(items: Sequence[dict], datalist: str, weights: Sequence[fl
             f"datalist {datalist} gives no unlabelled image, but the unlabelled loss weights {list(weights)} are not "
             "all 0. Provide unlabelled images in one of three ways: MSD 'training' entries without a 'label', image "
             "files in an imagesUnlabeled/ folder of the dataset folder, or an 'unlabeled' list of {'image': path} "
-            "in the datalist; or set the unlabelled loss weights to 0 for supervised-only training"
+            "in the datalist (under MONAI Label: images without a label in the datastore); or set the unlabelled loss "
+            "weights to 0 for supervised-only training"
         )
     return list(items)
 

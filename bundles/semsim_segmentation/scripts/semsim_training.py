@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from monai.networks import nets
@@ -259,6 +260,18 @@ class SemSimNetwork(torch.nn.Module):
         self.taps = FeatureTaps(backbone, self.fusion) if sfm is not None else None
         self._deepest_fused = dict(unwrap(backbone).named_modules())[self.fusion[-1]] if sfm is not None else None
         self.dropout = ChannelDropout(backbone, perturbed, feature_dropout) if feature_perturbation else None
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Load a full checkpoint, or the backbone's own such as ``models/model.pt`` (no ``backbone.`` keys).
+
+        The backbone's checkpoint loads into the backbone (strictly, if ``strict``) and leaves the fusion module as
+        it is: fine-tuning from a released model, as MONAI Label's "pretrained" training does by loading
+        models/model.pt into ``network`` non-strictly, where otherwise no key would match and training would
+        silently start from scratch.
+        """
+        if not any(key.startswith("backbone.") for key in state_dict):
+            return self.backbone.load_state_dict(state_dict, strict=strict, assign=assign)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _features(self) -> torch.Tensor:
         features = self.taps.pop()

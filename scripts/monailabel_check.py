@@ -1,0 +1,366 @@
+"""Check every bundle in MONAI Label's stock ``monaibundle`` sample app against a live server, on real MRI.
+
+Run by ``scripts/monailabel_check.sh`` with the Python of ``.venv-monailabel`` (monailabel 0.8.5). It builds, in a
+work folder outside the repository:
+
+- ``app/``: a copy of the installed ``monailabel/sample-apps/monaibundle`` with a copy of every
+  ``bundles/*_segmentation`` under ``app/model/<name>/`` (copies, not links: MONAI Label writes models/model.pt
+  into the bundle), each with untrained ``models/model.pt`` weights (MONAI Label lists a bundle only once it has
+  them); ReSeg's stage-1 teacher ``models/reconstruction.pt`` is trained for one epoch with the bundle CLI on the
+  datastore's labelled images, as a user would before training stage 2 in MONAI Label.
+- ``studies/``: a datastore of real MRI from ``scripts/make_dataset.py``: the MNI tissue slabs 0, 1 and 3 labelled
+  (``labels/final/``), slab 2 and two other heads (ITK, LSA at 2x2x3 mm; ROBEX) unlabelled.
+
+Then it starts ``monailabel start_server`` on 127.0.0.1 (a free port, ``--conf zoo_source github`` so nothing is
+downloaded) and, for every bundle: ``/info`` lists it with its labels and dimension 3; ``/infer`` on two images
+returns a label volume with the input's shape and affine and only the bundle's label values; ``/train`` (one epoch,
+CPU) rewrites ``models/model.pt`` twice in a row (MONAI Label trains again after each round of labelling);
+``/infer`` then serves the trained model. SemSim's training must report the datastore's unlabelled images as its
+unlabelled pool. Any failure ends the run with a non-zero exit and the server log's tail; the server is stopped in
+every case, and nothing may have been written into the repository bundles' output folders (models/, eval/, ...).
+
+    .venv-monailabel/bin/python scripts/monailabel_check.py [--workdir DIR] [--data-cache DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLES = sorted(p for p in (REPO / "bundles").glob("*_segmentation") if p.is_dir())
+# What the repository's bundle folders may hold from local runs; none of it belongs in the app's copy.
+LOCAL_OUTPUTS = ("models", "eval", "runs", "mlruns", "__pycache__")
+LABELS = {"grey matter": 1, "white matter": 2}  # every bundle's metadata channel_def, without the background
+LABELED = ("mni_slab0", "mni_slab1", "mni_slab3")
+UNLABELED = ("mni_slab2", "itk_head", "robex_head")
+INFER_IMAGES = ("mni_slab2", "itk_head")  # RAS at 1 mm, and LSA at 2x2x3 mm
+SERVER_START_TIMEOUT_S = 600
+REQUEST_TIMEOUT_S = 1800
+LOG_TAIL_LINES = 80
+
+
+class CheckFailed(Exception):
+    """A MONAI Label check did not pass; the message says which and why."""
+
+
+def log(message: str) -> None:
+    print(f"[monailabel_check] {message}", flush=True)
+
+
+@contextmanager
+def timed(step: str, timings: dict[str, float]) -> Iterator[None]:
+    start = time.monotonic()
+    yield
+    timings[step] = time.monotonic() - start
+    log(f"{step}: {timings[step]:.1f} s")
+
+
+def snapshot_outputs() -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file in the repository bundles' output folders (models/, eval/, ...), where a run
+    would write if it used them instead of the app's copies; compared before and after the run."""
+    files = [p for b in BUNDLES for name in LOCAL_OUTPUTS for p in (b / name).rglob("*") if p.is_file()]
+    return {str(p.relative_to(REPO)): (p.stat().st_size, p.stat().st_mtime_ns) for p in files}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_make_dataset():
+    spec = importlib.util.spec_from_file_location("make_dataset_tool", REPO / "scripts/make_dataset.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_datastore(work: Path, data_cache: str | None) -> Path:
+    """``work/studies``: the real-MRI images, the labelled ones' labels under ``labels/final``."""
+    make_dataset = load_make_dataset()
+    images: dict[str, Path] = {}
+    for task in ("tissue", "brain"):
+        info = make_dataset.make_dataset(task, work / "data" / task, cache_dir=data_cache)
+        if info.source != "real":
+            raise CheckFailed(f"make_dataset.py could not fetch the real {task} volumes ({info.description}): pass "
+                              "--data-cache with a folder that holds them, or let it reach PyPI and Debian")
+        images.update({p.name.split(".")[0]: p for p in (work / "data" / task).glob("images*/*.nii.gz")})
+    studies = work / "studies"
+    (studies / "labels/final").mkdir(parents=True)
+    for name in (*LABELED, *UNLABELED):
+        shutil.copy(images[name], studies / f"{name}.nii.gz")
+    for name in LABELED:
+        label = next((work / "data/tissue").glob(f"labels*/{name}.nii.gz"))
+        shutil.copy(label, studies / "labels/final" / f"{name}.nii.gz")
+    return studies
+
+
+def sample_app() -> Path:
+    """The stock monaibundle app that the monailabel wheel installs under the environment's prefix."""
+    app = Path(sys.prefix) / "monailabel/sample-apps/monaibundle"
+    if not (app / "main.py").is_file():
+        raise CheckFailed(f"{app}/main.py not found: run this with the Python of the monailabel 0.8.5 environment "
+                          "(scripts/monailabel_check.sh creates it)")
+    return app
+
+
+def run_logged(cmd: list[str], cwd: Path, log_file: Path, what: str) -> None:
+    """Run ``cmd``; on failure raise with the tail of its output (kept whole in ``log_file``)."""
+    with open(log_file, "w") as out:
+        proc = subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode != 0:
+        raise CheckFailed(f"{what} failed ({proc.returncode}): {' '.join(cmd)}\n{tail(log_file)}")
+
+
+def write_untrained_model(bundle: Path, work: Path) -> None:
+    """``models/model.pt``: seeded initial weights of inference.json's ``network_def``, as MONAI Label loads it."""
+    code = (
+        "import torch; from monai.bundle import ConfigParser; torch.manual_seed(0); p = ConfigParser(); "
+        "p.read_config('configs/inference.json'); "
+        "torch.save(p.get_parsed_content('network_def').state_dict(), 'models/model.pt')"
+    )
+    (bundle / "models").mkdir()
+    # A subprocess in the bundle folder, so that the bundle's own ``scripts`` package is the one imported.
+    run_logged([sys.executable, "-c", code], bundle, work / f"{bundle.name}_init.log", f"writing {bundle.name} weights")
+
+
+def train_reseg_teacher(bundle: Path, studies: Path, work: Path) -> None:
+    """ReSeg stage 1 with the bundle CLI on the datastore's labelled images: ``models/reconstruction.pt``."""
+    data = work / "reseg_teacher_data"
+    data.mkdir()
+    labels = json.loads((bundle / "configs/metadata.json").read_text())["network_data_format"]["outputs"]["pred"]
+    training = [{"image": str(studies / f"{n}.nii.gz"), "label": str(studies / f"labels/final/{n}.nii.gz")}
+                for n in LABELED]
+    (data / "dataset.json").write_text(json.dumps({"labels": labels["channel_def"], "training": training}))
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+           "['configs/train.json','configs/train_reconstruction.json']", "--meta_file", "configs/metadata.json",
+           "--logging_file", "configs/logging.conf", "--bundle_root", str(bundle), "--dataset_dir", str(data),
+           "--max_epochs", "1", "--num_workers", "0", "--progress_bar", "False"]
+    run_logged(cmd, bundle, work / "reseg_stage1.log", "ReSeg stage 1 (the teacher)")
+    if not (bundle / "models/reconstruction.pt").is_file():
+        raise CheckFailed(f"ReSeg stage 1 wrote no {bundle}/models/reconstruction.pt; see {work / 'reseg_stage1.log'}")
+
+
+def build_app(work: Path, studies: Path) -> Path:
+    app = work / "app"
+    shutil.copytree(sample_app(), app)
+    for bundle in BUNDLES:
+        target = app / "model" / bundle.name
+        shutil.copytree(bundle, target, ignore=lambda folder, names: [n for n in names if n in LOCAL_OUTPUTS])
+        write_untrained_model(target, work)
+        if bundle.name == "reseg_segmentation":
+            train_reseg_teacher(target, studies, work)
+    return app
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    if not path.is_file():
+        return f"({path} was not written)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class Server:
+    """``monailabel start_server`` in its own process group, so that stopping it also ends what it started."""
+
+    def __init__(self, app: Path, studies: Path, log_file: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_file = log_file
+        # ``python -m monailabel.main`` is what the ``monailabel`` command runs, without the command's wrapper, which
+        # would put the folder two levels above it (here the repository) on PYTHONPATH.
+        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies",
+               str(studies), "--host", "127.0.0.1", "--port", str(self.port),
+               "--conf", "models", ",".join(b.name for b in BUNDLES),
+               "--conf", "zoo_source", "github",  # local bundles only; the default asks the model zoo online
+               "--conf", "sam2", "false"]
+        log(f"starting {' '.join(cmd)}  (log: {log_file})")
+        self._log = open(log_file, "w")
+        self.proc = subprocess.Popen(cmd, cwd=app.parent, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_ready(self) -> dict:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise CheckFailed(f"monailabel start_server exited with {self.proc.returncode} before it answered")
+            try:
+                response = requests.get(f"{self.url}/info/", timeout=10)
+                if response.status_code == 200:
+                    return response.json()
+            except requests.ConnectionError:
+                pass
+            time.sleep(2)
+        raise CheckFailed(f"the server did not answer /info/ within {SERVER_START_TIMEOUT_S} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+        log(f"server stopped (exit {self.proc.returncode})")
+
+
+def post(url: str, what: str, **kwargs) -> requests.Response:
+    response = requests.post(url, timeout=REQUEST_TIMEOUT_S, **kwargs)
+    if response.status_code != 200:
+        raise CheckFailed(f"{what}: HTTP {response.status_code}: {response.text[-2000:]}")
+    return response
+
+
+def check_info(info: dict) -> None:
+    for bundle in BUNDLES:
+        model = info.get("models", {}).get(bundle.name)
+        if model is None:
+            raise CheckFailed(f"/info lists no model {bundle.name}; models: {sorted(info.get('models', {}))}")
+        if model.get("labels") != LABELS or model.get("dimension") != 3 or model.get("type") != "segmentation":
+            raise CheckFailed(f"/info {bundle.name}: labels {model.get('labels')}, dimension {model.get('dimension')}, "
+                              f"type {model.get('type')}; expected {LABELS}, 3, segmentation")
+        if bundle.name not in info.get("trainers", {}):
+            raise CheckFailed(f"/info lists no trainer {bundle.name}; trainers: {sorted(info.get('trainers', {}))}")
+    log(f"/info: {len(BUNDLES)} bundles listed with labels {LABELS}, dimension 3, and a trainer each")
+
+
+def check_infer(server: Server, bundle: str, image: str, studies: Path, out_dir: Path, tag: str = "") -> str:
+    """``/infer`` returns a label volume on the input's grid with only background and the bundle's labels."""
+    response = post(f"{server.url}/infer/{bundle}?image={image}&output=image", f"/infer {bundle} {image}",
+                    files={"params": (None, json.dumps({"device": "cpu"}))})
+    out = out_dir / f"{bundle}_{image}{tag}.nii.gz"
+    out.write_bytes(response.content)
+    source, label = nib.load(studies / f"{image}.nii.gz"), nib.load(out)
+    values = np.unique(np.asarray(label.dataobj))
+    problems = []
+    if label.shape != source.shape:
+        problems.append(f"shape {label.shape}, the input's is {source.shape}")
+    if not np.allclose(label.affine, source.affine, atol=1e-4):
+        problems.append(f"affine\n{label.affine}\nthe input's is\n{source.affine}")
+    if not set(values.tolist()) <= {0, *LABELS.values()}:
+        problems.append(f"label values {values.tolist()} outside {{0, {', '.join(map(str, LABELS.values()))}}}")
+    if problems:
+        raise CheckFailed(f"/infer {bundle} on {image} ({out}): " + "; ".join(problems))
+    return f"{image} {label.shape} labels {values.tolist()}"
+
+
+def check_train(server: Server, bundle: str, model: Path) -> None:
+    """``/train`` (one epoch on CPU) rewrites models/model.pt."""
+    before = sha256(model)
+    post(f"{server.url}/train/{bundle}?run_sync=true", f"/train {bundle}",
+         json={"max_epochs": 1, "device": "cpu", "multi_gpu": False})
+    if sha256(model) == before:
+        raise CheckFailed(f"/train {bundle} answered 200 but left {model} unchanged")
+
+
+def check_semsim_pool(log_file: Path, studies: Path) -> None:
+    """SemSim's training took the datastore's unlabelled images as its unlabelled pool (the bundle logs it)."""
+    found = re.findall(r"the unlabelled pool is the (\d+) other image\(s\) in \['([^']+)'\]",
+                       log_file.read_text(errors="replace"))
+    expected = (str(len(UNLABELED)), os.path.realpath(studies))
+    if not found or any((count, os.path.realpath(folder)) != expected for count, folder in found):
+        raise CheckFailed(f"SemSim's unlabelled pool was not the datastore's {len(UNLABELED)} unlabelled images in "
+                          f"{studies}: the server log says {found or 'nothing about it'}")
+    log(f"semsim_segmentation: unlabelled pool of {found[-1][0]} datastore images in {found[-1][1]}")
+
+
+def run_checks(work: Path, data_cache: str | None, timings: dict[str, float]) -> None:
+    with timed("datastore (make_dataset.py, real MRI)", timings):
+        studies = write_datastore(work, data_cache)
+    with timed("app (copy sample app and bundles, initial weights, ReSeg teacher)", timings):
+        app = build_app(work, studies)
+    server = Server(app, studies, work / "server.log")
+    try:
+        with timed("server start", timings):
+            info = server.wait_ready()
+        check_info(info)
+        infer_dir = work / "infer"
+        infer_dir.mkdir()
+        for bundle in BUNDLES:
+            model = app / "model" / bundle.name / "models/model.pt"
+            with timed(f"{bundle.name} /infer x{len(INFER_IMAGES)}", timings):
+                results = [check_infer(server, bundle.name, image, studies, infer_dir) for image in INFER_IMAGES]
+            log(f"{bundle.name} /infer: " + "; ".join(results))
+            for round_ in (1, 2):
+                with timed(f"{bundle.name} /train round {round_}", timings):
+                    check_train(server, bundle.name, model)
+            if bundle.name == "semsim_segmentation":
+                check_semsim_pool(server.log_file, studies)
+            with timed(f"{bundle.name} /infer with the trained model", timings):
+                result = check_infer(server, bundle.name, INFER_IMAGES[0], studies, infer_dir, "_trained")
+            log(f"{bundle.name} trained /infer: {result}")
+    except Exception:
+        log(f"server log tail ({server.log_file}):\n{tail(server.log_file)}")
+        raise
+    finally:
+        server.stop()
+
+
+def prepare_workdir(workdir: str | None) -> tuple[Path, bool]:
+    """The work folder (created empty) and whether it is a temporary one."""
+    if workdir is None:
+        return Path(tempfile.mkdtemp(prefix="monailabel_check_")), True
+    work = Path(workdir).expanduser().resolve()
+    if work == REPO or REPO in work.parents:
+        raise CheckFailed(f"--workdir {work} is inside the repository: pick a folder outside {REPO}")
+    if work.exists() and any(work.iterdir()):
+        raise CheckFailed(f"--workdir {work} is not empty: pick a new or empty folder")
+    work.mkdir(parents=True, exist_ok=True)
+    return work, False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", help="new or empty folder outside the repository (default: a temporary one, "
+                        "deleted after a passing run unless --keep)")
+    parser.add_argument("--data-cache", help="make_dataset.py's download cache (default $MB_DATA_CACHE or "
+                        "~/.cache/monai_method_bundles)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary work folder after a passing run")
+    args = parser.parse_args(argv)
+    # A plain kill runs the ``finally`` that stops the server, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    timings: dict[str, float] = {}
+    start = time.monotonic()
+    before = snapshot_outputs()
+    work, temporary = None, False
+    try:
+        work, temporary = prepare_workdir(args.workdir)
+        log(f"work folder {work}")
+        run_checks(work, args.data_cache, timings)
+        if snapshot_outputs() != before:
+            raise CheckFailed(f"the run wrote into the output folders {LOCAL_OUTPUTS} of {REPO / 'bundles'}/*")
+    except CheckFailed as err:
+        log(f"FAILED: {err}" + (f"\n(work folder kept: {work})" if work else ""))
+        return 1
+    log("timings (s): " + ", ".join(f"{step} {seconds:.0f}" for step, seconds in timings.items()))
+    log(f"PASSED: {len(BUNDLES)} bundles: /info, /infer, /train x2, trained /infer; {time.monotonic() - start:.0f} s")
+    if temporary and not args.keep:
+        shutil.rmtree(work)
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())
