@@ -55,7 +55,7 @@ NUM_WORKERS = 0  # the data are cached in memory; worker processes would only co
 SPACING = (2.0, 2.0, 2.0)
 ROI_SIZE = (64, 64, 32)  # training crop = VAE input size = sliding window; divisible by 16
 
-CLASS_COLOURS = ("#ff9f1c", "#2ec4f0")  # label 1 (grey matter), label 2 (white matter); the fallback has 2 too
+CLASS_COLOURS = ("#ff9f1c", "#2ec4f0")  # labels 1 and 2 (grey and white matter; brain: label 1 only)
 OVERLAY_ALPHA = 0.45
 OUTPUT_TAIL_LINES = 60
 # The bundle logs "2026-01-01 12:00:00,000 - logger.name - INFO - message"; the clock and message are shown.
@@ -203,7 +203,7 @@ def draw_overlay(
     """The image, then each segmentation over it (``{heading: label volume}``, e.g. ground truth and prediction),
     for three axial slices, labels in discrete colours."""
     slices = np.linspace(0, image.shape[2] - 1, 5).round().astype(int)[1:-1]  # quartiles: away from slab edges
-    colours = ListedColormap(CLASS_COLOURS)
+    colours = ListedColormap(CLASS_COLOURS[: len(foreground)])
     window = np.percentile(image[image > 0], [1, 99])
     panels = {"image": None, **segmentations}
     fig, axes = plt.subplots(len(slices), len(panels), figsize=(3 * len(panels), 3.4 * len(slices)), squeeze=False)
@@ -216,7 +216,7 @@ def draw_overlay(
                 ax.imshow(classes, cmap=colours, vmin=1, vmax=len(foreground), alpha=OVERLAY_ALPHA, origin="lower")
             ax.set_title(f"{heading}, axial slice {z}", fontsize=10)
             ax.axis("off")
-    handles = [Patch(color=c, label=n) for c, n in zip(CLASS_COLOURS, foreground, strict=True)]
+    handles = [Patch(color=c, label=n) for c, n in zip(CLASS_COLOURS, foreground)]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.03, 1, 1))

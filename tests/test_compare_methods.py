@@ -49,7 +49,8 @@ def test_smoke_comparison_writes_the_report_and_resumes(compare, tmp_path, capsy
 
     report = (results / "README.md").read_text()
     assert "| SelfReg | synthetic | baseline |" in report and "| SelfReg | synthetic | selfreg |" in report
-    assert "target ≤ 1.10" in report and "1 seeds, 1 cases" in report and "SYNTHETIC" in report
+    assert "- SelfReg, synthetic: selfreg − baseline = " in report and "target ≥ +0.000" in report
+    assert "target ≤ 1.10" in report and "1 seeds × 1 held-out case(s)" in report and "SYNTHETIC" in report
     for png in ("dice.png", "validation_curves.png", "overlay_selfreg_synthetic.png"):
         assert (results / png).read_bytes()[:8] == PNG_MAGIC
         assert f"]({png})" in report
