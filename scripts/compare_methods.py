@@ -3,8 +3,8 @@
 For each method (SegResNet-VAE, SelfReg, ReSeg; SemSim also against plain FixMatch) this
 
 1. trains every arm on the real-MRI tasks of ``scripts/make_dataset.py`` (brain extraction on held-out heads and
-   bg/GM/WM tissue on disjoint MNI slabs; SemSim: tissue with one labeled slab plus the unlabeled pool), over
-   several seeds, and evaluates the held-out cases, through ``scripts/accuracy_study.py``: the bundle's own configs
+   bg/GM/WM tissue on disjoint MNI slabs; SemSim: both with one labeled case plus the unlabeled pool), over several
+   seeds, and evaluates the held-out cases, through ``scripts/accuracy_study.py``: the bundle's own configs
    run by ``python -m monai.bundle run`` with overrides only;
 2. measures the training-step time, its peak memory and the sliding-window inference time against the baseline
    with the method's benchmark script (``scripts/benchmark_<method>.py``, ratios from one interleaved run);
@@ -132,11 +132,11 @@ METHODS = (
            Cost("benchmark_reseg.py", "ReSeg", "baseline", "plain", True, 1.40),
            train_configs=("configs/train.json", "configs/train_reconstruction.json"), train_run_id="training_all",
            benchmark_args=("--backbones", "segresnet")),
-    Method("semsim", "semsim_segmentation", "SemSim (1 labeled slab)",
+    Method("semsim", "semsim_segmentation", "SemSim (1 labeled case)",
            (("supervised", "--unlabeled_weight 0 --intra_weight 0 --cross_weight 0"),
             ("fixmatch", "--intra_weight 0 --cross_weight 0"), ("semsim", "")),
            Cost("benchmark_semsim.py", "SemSim", "FixMatch", None, True, 1.30),
-           tasks=("tissue",), labeled=1, benchmark_args=("--backbones", "segresnet")),
+           labeled=1, benchmark_args=("--backbones", "segresnet")),
 )
 METHOD_NAMES = tuple(m.name for m in METHODS)
 
@@ -486,8 +486,8 @@ def report_text(args: argparse.Namespace, studies: dict[str, dict], costs: dict[
                                "behind each number"],
                               [row for m in args.methods for row in accuracy_table(m, studies[m.name])], 3),
         "",
-        "Targets: each regulariser at or above its baseline's mean Dice on every task; SemSim with one labeled "
-        f"slab at least {SEMSIM_DICE_GAIN:+.2f} Dice over supervised-only:",
+        "Targets: each regulariser at or above its baseline's mean Dice on every task; SemSim with one labeled case "
+        f"at least {SEMSIM_DICE_GAIN:+.2f} Dice over supervised-only:",
         "",
         *target_lines(studies, args.methods),
         "",

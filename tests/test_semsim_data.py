@@ -203,6 +203,25 @@ def test_train_config_without_datalist_uses_the_datastore(tmp_path, semi_dataset
     assert cli.get_parsed_content("resume_loader") is not None
 
 
+@pytest.mark.parametrize(("num_samples", "unlabeled", "crops_per_batch"), [(2, 1, [2]), (1, 3, [2])])
+def test_every_unlabeled_batch_has_two_crops_for_cutmix(tmp_path, bundle_on_path, num_samples, unlabeled,
+                                                        crops_per_batch):
+    """CutMix needs two unlabeled crops per batch. One unlabeled volume cut into two crops is a full batch; with
+    one crop per volume a last batch of a single volume is dropped (3 volumes, batch size 2: one batch)."""
+    bundle_on_path(BUNDLES / "semsim_segmentation")
+    studies = tmp_path / "studies"
+    for name in ("a", "b", *(f"u{i}" for i in range(unlabeled))):
+        save(studies / f"{name}.nii.gz")
+    labeled = [{"image": str(studies / f"{n}.nii.gz"), "label": save(tmp_path / f"labels/{n}.nii.gz",
+                                                                        np.zeros((6, 6, 6), np.uint8))}
+               for n in ("a", "b")]
+    config = semsim_train_config(tmp_path / "no_dataset", tmp_path / "bundle", train__dataset__data=labeled[:1],
+                                 validate__dataset__data=labeled[1:], num_samples=num_samples, roi_size=[4, 4, 4],
+                                 num_workers=0, cache_rate=0)
+    loader = config.get_parsed_content("train#unlabeled_dataloader")
+    assert [batch["unlabeled_image"].shape[0] for batch in loader] == crops_per_batch
+
+
 def test_refusals_name_the_datalist(tmp_path):
     only_unlabeled = write_datalist(tmp_path / "a", 0, 3)
     with pytest.raises(ValueError, match=f"datalist {only_unlabeled} has no labelled case"):
