@@ -241,13 +241,10 @@ def predict(method: Method, report: dict, args: argparse.Namespace) -> dict[str,
             prediction = out / f"{name}_seg.nii.gz"
             if not prediction.is_file():
                 overrides = {k: v for k, v in run["overrides"].items() if k in INFERENCE_KEYS}
-                command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-                           "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
-                           "--bundle_root", run["bundle_root"], "--dataset_dir", str(data), "--output_dir", str(out)]
-                for key, value in overrides.items():
-                    command += [f"--{key}", value]
+                trained = accuracy_study.Run(task, run["arm"], seed, Path(run["bundle_root"]), data, overrides)
                 # inference.json names the demo's classes; the network's output count follows the task's
-                command += ["--class_names", repr(["background", *dataset["classes"]])]
+                command = accuracy_study.bundle_command(["configs/inference.json"], trained, output_dir=str(out),
+                                                        class_names=repr(["background", *dataset["classes"]]))
                 out.parent.mkdir(parents=True, exist_ok=True)
                 accuracy_study.run_step(command, REPO / "bundles" / method.bundle, os.environ.copy(),
                                         out.parent / f"{run['arm']}_inference.log")
@@ -360,10 +357,6 @@ def plot_overlay(dataset: Path, predictions: dict[str, Path], foreground: Sequen
     demo.draw_overlay(image, panels, foreground, title=title, png=path)
 
 
-def fmt_stats(stats: dict, places: int) -> str:
-    return accuracy_study.cell(stats, "dice" if places == 3 else "hd95")
-
-
 def accuracy_table(method: Method, report: dict) -> list[str]:
     baseline = report["settings"]["arms"][0]["name"]
     rows = []
@@ -378,7 +371,8 @@ def accuracy_table(method: Method, report: dict) -> list[str]:
                 verdict = "at or above" if d["mean"] is not None and d["mean"] >= 0 else "BELOW"
                 diff = f"{accuracy_study.cell(d, 'dice', sign=True)} ({verdict} baseline)"
             cases = max(len(r["cases"]) for r in report["runs"] if r["task"] == task and r["arm"] == arm)
-            rows.append([method.title, task, arm, fmt_stats(dice, 3), diff, fmt_stats(hd95, 2),
+            rows.append([method.title, task, arm, accuracy_study.cell(dice, "dice"), diff,
+                         accuracy_study.cell(hd95, "hd95"),
                          f"{dice['n'] + dice['not_finite']} seeds × {cases} held-out case(s)"])
     return rows
 
