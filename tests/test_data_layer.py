@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 from conftest import BUNDLES, REPO, load_module
 
-data = load_module(REPO / "scripts/bundle_common/data.py")
-check = load_module(REPO / "scripts/bundle_common/dataset_check.py")
-sync = load_module(REPO / "scripts/sync_bundle_common.py")
+data = load_module(REPO / "bundles/template/scripts/data.py")
+check = load_module(REPO / "bundles/template/scripts/dataset_check.py")
 
 
 def refusal(training: list[dict], validation: list[dict] | None = None, **kwargs) -> str:
@@ -146,8 +145,3 @@ def test_real_volumes(make_dataset_module, tmp_path, task, num_classes):
     assert check.check_dataset(split["training"], split["validation"], num_classes=num_classes) >= 3
     orientations = {nib.aff2axcodes(nib.load(d["image"]).affine) for d in split["training"]}
     assert task == "tissue" or len(orientations) > 1  # real heads keep their own orientations
-
-
-def test_bundle_copies_of_shared_code_do_not_drift():
-    assert sync.bundles() == sorted(BUNDLES.glob("*_segmentation"))
-    assert sync.drifted() == [], "run python scripts/sync_bundle_common.py"

@@ -39,7 +39,7 @@ SMALL_RUN = {
     "semsim_segmentation": {"backbone": "segresnet", "roi_size": json.loads(BACKBONE_ROI["segresnet"]),
                             "sfm_feature_size": 32},
 }
-SAFE_IO = load_module(REPO / "scripts/bundle_common/safe_io.py", "safe_io_under_test")
+SAFE_IO = load_module(REPO / "bundles/template/scripts/safe_io.py", "safe_io_under_test")
 SMALL_SEGRESNET = {SMALL_BACKBONES["segresnet"][0][2:]: int(SMALL_BACKBONES["segresnet"][1])}
 
 
@@ -358,7 +358,7 @@ def test_a_failed_write_leaves_no_file(prediction, tmp_path):
 
 
 def test_inference_refuses_an_output_folder_inside_the_input_folder(synthetic_dataset):
-    data = load_module(REPO / "scripts/bundle_common/data.py", "data_under_test")
+    data = load_module(REPO / "bundles/template/scripts/data.py", "data_under_test")
     inputs = [{"image": str(p)} for p in (synthetic_dataset / "imagesTs").glob("*.nii.gz")]
     with pytest.raises(ValueError, match="is inside the input folder"):
         data.check_output_dir(str(synthetic_dataset / "imagesTs/predictions"), inputs)

@@ -22,8 +22,8 @@ from monai.engines import SupervisedTrainer
 from monai.losses import DiceLoss
 from torch.utils.data import DataLoader, DistributedSampler
 
-data = load_module(REPO / "scripts/bundle_common/data.py")
-check = load_module(REPO / "scripts/bundle_common/dataset_check.py")
+data = load_module(REPO / "bundles/template/scripts/data.py")
+check = load_module(REPO / "bundles/template/scripts/dataset_check.py")
 semi_data = bundle_module(BUNDLES / "semsim_segmentation", "semi_data")
 AFFINE = np.diag([1.5, 1.5, 1.5, 1.0])
 UNLABELED_KEYS = ("unlabeled_image", "unlabeled_strong1", "unlabeled_strong2")

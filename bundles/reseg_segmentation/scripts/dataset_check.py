@@ -1,4 +1,4 @@
-# Generated from scripts/bundle_common/dataset_check.py by scripts/sync_bundle_common.py: edit that file, not this copy.
+# Generated from bundles/template/scripts/dataset_check.py by scripts/generate_bundles.py: edit those, not this file.
 """Refuse bad input before any compute is spent.
 
 Every image (and label) is read once with MONAI's readers (ITK or nibabel) and checked for the problems that

@@ -1,3 +1,4 @@
+# Generated from bundles/methods/reseg/scripts/reseg.py by scripts/generate_bundles.py: edit those, not this file.
 """ReSeg (reconstruction-guided feature consistency, Li-gzhu/ReSeg-UNet) as a two-stage recipe on MONAI backbones.
 
 Stage 1 trains a reconstruction network, the same backbone with the label map as input and the image as target,

@@ -1,4 +1,4 @@
-# Generated from scripts/bundle_common/backbones.py by scripts/sync_bundle_common.py: edit that file, not this copy.
+# Generated from bundles/template/scripts/backbones.py by scripts/generate_bundles.py: edit those, not this file.
 """The bundles' backbones, and checks on them that otherwise fail late and obscurely: an unknown backbone name, a
 crop or window size the backbone cannot take, a checkpoint saved from another network."""
 

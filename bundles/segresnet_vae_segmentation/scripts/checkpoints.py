@@ -1,4 +1,4 @@
-# Generated from scripts/bundle_common/checkpoints.py by scripts/sync_bundle_common.py: edit that file, not this copy.
+# Generated from bundles/template/scripts/checkpoints.py by scripts/generate_bundles.py: edit those, not this file.
 """Checkpoints that survive a crash and never run code when loaded.
 
 MONAI's CheckpointSaver writes in place (``atomic=False``), and ignite deletes the checkpoint it replaces before

@@ -1,4 +1,4 @@
-# Generated from scripts/bundle_common/feature_taps.py by scripts/sync_bundle_common.py: edit that file, not this copy.
+# Generated from bundles/template/scripts/feature_taps.py by scripts/generate_bundles.py: edit those, not this file.
 """Forward hooks that read a backbone's intermediate features without changing its code, parameters or output,
 and the parameter-free resizing used to compare two such features."""
 

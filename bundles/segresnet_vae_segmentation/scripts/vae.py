@@ -1,3 +1,4 @@
+# Generated from bundles/methods/segresnet_vae/scripts/vae.py by scripts/generate_bundles.py: edit those, not this file.
 """SegResNet with VAE regularisation (Myronenko, "3D MRI brain tumor segmentation using autoencoder
 regularization", BraTS 2018, arXiv 1810.11654): the network's taps and the paper's loss.
 

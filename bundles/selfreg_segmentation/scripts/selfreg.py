@@ -1,3 +1,4 @@
+# Generated from bundles/methods/selfreg/scripts/selfreg.py by scripts/generate_bundles.py: edit those, not this file.
 """SelfReg (Zhu et al., "SelfReg-UNet: Self-Regularized UNet for Medical Image Segmentation", MICCAI 2024,
 arXiv 2406.14896) as a plug-in loss on MONAI backbones.
 

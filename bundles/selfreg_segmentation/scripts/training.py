@@ -1,4 +1,4 @@
-# Generated from scripts/bundle_common/training.py by scripts/sync_bundle_common.py: edit that file, not this copy.
+# Generated from bundles/template/scripts/training.py by scripts/generate_bundles.py: edit those, not this file.
 """Ignite pieces every method bundle needs and MONAI does not ship: per-term loss logging, per-class Dice,
 HD95 in millimetres, finding the checkpoint to resume from, and stopping when the loss is no longer finite."""
 

@@ -1,4 +1,4 @@
-# Generated from scripts/bundle_common/data.py by scripts/sync_bundle_common.py: edit that file, not this copy.
+# Generated from bundles/template/scripts/data.py by scripts/generate_bundles.py: edit those, not this file.
 """Datalists for MSD-layout folders and MONAI datalist JSON files.
 
 A user brings either an MSD folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``, optional ``imagesTs/``)

@@ -1,4 +1,4 @@
-# Generated from scripts/bundle_common/safe_io.py by scripts/sync_bundle_common.py: edit that file, not this copy.
+# Generated from bundles/template/scripts/safe_io.py by scripts/generate_bundles.py: edit those, not this file.
 """Writing files so that no reader ever sees a partial one, and saving predictions that never replace a file by
 accident.
 

@@ -1,3 +1,4 @@
+# Generated from bundles/methods/semsim/scripts/semi_data.py by scripts/generate_bundles.py: edit those, not this file.
 """Semi-supervised data for SemSim: refusing a run that has no unlabelled images, and one iterable that pairs each
 labelled batch with an unlabelled one for MONAI's ``SupervisedTrainer``.
 

@@ -1,3 +1,4 @@
+# Generated from bundles/methods/semsim/scripts/semsim.py by scripts/generate_bundles.py: edit those, not this file.
 """SemSim (Xie et al., "SemSim: Revisiting Weak-to-Strong Consistency from a Semantic Similarity Perspective for
 Semi-supervised Medical Image Segmentation", arXiv 2410.13486) as a MONAI loss.
 

@@ -1,3 +1,4 @@
+# Generated from bundles/methods/semsim/scripts/semsim_training.py by scripts/generate_bundles.py: edit those, not this file.
 """SemSim's training step on MONAI's SupervisedTrainer: the views of one iteration and the passes that produce them.
 
 MONAI's ``SupervisedTrainer`` runs ``loss_function(network(inputs), targets)`` with AMP, gradient accumulation and

@@ -1,3 +1,4 @@
+# Generated from bundles/methods/semsim/scripts/sfm.py by scripts/generate_bundles.py: edit those, not this file.
 """SemSim's Spatial-aware Fusion Module (SFM, arXiv 2410.13486 Sec. III-D, Eqs. 14-17).
 
 Three consecutive encoder maps (1/2, 1/4 and 1/8 of the input: the paper's stages 2, 3 and 4) are projected to D

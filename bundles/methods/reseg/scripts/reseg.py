@@ -1,0 +1,305 @@
+"""ReSeg (reconstruction-guided feature consistency, Li-gzhu/ReSeg-UNet) as a two-stage recipe on MONAI backbones.
+
+Stage 1 trains a reconstruction network, the same backbone with the label map as input and the image as target,
+with L_rec = 0.6 * MSE + 0.4 * L1. Stage 2 freezes it as a teacher and trains the segmentation network with
+
+    L = ce_weight * CE + dice_weight * Dice + a * L_opt,
+    L_opt = ( MSE(s.e1, r.d1) + MSE(s.e2, r.d2) + MSE(s.e3, r.d3)      # seg encoder  vs recon decoder
+            + MSE(s.d1, r.e1) + MSE(s.d2, r.e2) + MSE(s.d3, r.e3)      # seg decoder  vs recon encoder
+            + MSE(s.d1, r.d1) ) / 3                                    # "mid": deepest decoder map vs same
+
+where e_k / d_k are the encoder / decoder maps of the k-th deepest resolution level that has both (the seed's
+x4, x3, x2 and u1, u2, u3), s the segmentation network on the image and r the frozen teacher on the label;
+a = 0.035, CE and Dice weighted 0.5 each (seed 000 and the authors' train_unet_se.py). Each map is standardised
+per channel before its MSE by default (``reseg_feature_norm``), because MONAI's blocks, unlike the seed's, do not
+end in a normalisation (see :func:`feature_consistency`).
+
+Features are read by forward hooks (:class:`FeatureTaps`) on unmodified MONAI networks, so the trained network,
+its ``state_dict``, its inference and its export are those of the plain backbone.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from monai.networks import nets
+from monai.networks.utils import one_hot
+
+from .backbones import unwrap
+from .feature_taps import FeatureTaps, pool_to_size
+
+LabelEncoding = Literal["onehot", "index"]
+FeatureNorm = Literal["instance", "none"]
+Pair = Sequence[str]  # (module name in the segmentation network, module name in the reconstruction network)
+
+STAGE_ONE_COMMAND = (
+    "python -m monai.bundle run training --config_file \"['configs/train.json','configs/train_reconstruction.json']\" "
+    "--meta_file configs/metadata.json --logging_file configs/logging.conf"
+)
+
+
+def matched_levels(network: torch.nn.Module) -> list[tuple[str, str]]:
+    """(encoder module, decoder module) of every resolution level where the backbone has an encoder map and a
+    decoder map of the same shape, shallowest first.
+
+    - SegResNet: ``down_layers.i`` <-> ``up_layers.{n-1-i}`` (init_filters * 2**i channels at 1/2**i), for the n
+      levels above the bottleneck ``down_layers.n``.
+    - UNet: the down ResidualUnit of level k (``model.0``, ``model.1.submodule.0``, ...) <-> the up block of the
+      level below it (``model.1.submodule.2``, ``model.1.submodule.1.submodule.2``, ...): MONAI's up blocks
+      up-sample at their end, so that block's output has channels[k] at the down unit's resolution. The deepest
+      down unit has no partner (its level's up block up-samples away from it) and the top block ``model.2``
+      outputs the logits.
+    - SwinUNETR: ``encoder{k}`` <-> ``decoder{k}``, k = 1..4 (feature_size * 2**(k-1) channels at 1/2**(k-1)).
+    """
+    network = unwrap(network)
+    if isinstance(network, nets.SegResNet):
+        n = len(network.up_layers)
+        return [(f"down_layers.{i}", f"up_layers.{n - 1 - i}") for i in range(n)]
+    if isinstance(network, nets.UNet):
+        module_names = {name for name, _ in network.named_modules()}
+        levels, down, level = [], "model.0", "model.1.submodule"
+        # model = Sequential(down, SkipConnection(Sequential(down, SkipConnection(...), up)), up)
+        while f"{level}.2" in module_names:
+            levels.append((down, f"{level}.2"))
+            down, level = f"{level}.0", f"{level}.1.submodule"
+        return levels
+    if isinstance(network, nets.SwinUNETR):
+        return [(f"encoder{k}", f"decoder{k}") for k in range(1, 5)]
+    raise TypeError(
+        f"no default ReSeg pairing for {type(network).__name__}: give reseg_pairs in the config as a list of "
+        "[segmentation module, reconstruction module] names from network.named_modules()"
+    )
+
+
+def default_pairs(network: torch.nn.Module, levels: int = 3) -> list[tuple[str, str]]:
+    """The seed's seven pairs for a MONAI SegResNet, UNet or SwinUNETR, in the seed's order.
+
+    With (e_k, d_k) the encoder and decoder maps of the k-th deepest level of :func:`matched_levels`
+    (k = 1..``levels``): (s.e_k, r.d_k) for each k, (s.d_k, r.e_k) for each k, then the "mid" pair (s.d_1, r.d_1).
+    Both networks are the same backbone, so a pair names the same module on each side.
+
+    "Mid" is the seed's ``bridge_x``: its first decoder stage u1, which is also the decoder map of its deepest
+    paired level. Those coincide for SegResNet (``up_layers.0``) and UNet; for SwinUNETR the first decoder stage
+    ``decoder5`` lies below the deepest level with an encoder block, so the deeper reading is kept: ``decoder4``.
+    """
+    available = matched_levels(network)
+    if len(available) < levels:
+        raise ValueError(
+            f"{type(unwrap(network)).__name__} has {len(available)} levels with an encoder and a decoder map of "
+            f"equal shape ({available}), ReSeg pairs {levels}: give the backbone more down-sampling levels (UNet: "
+            "len(strides) >= 4) or set reseg_pairs in the config"
+        )
+    deepest = available[::-1][:levels]
+    return [*((e, d) for e, d in deepest), *((d, e) for e, d in deepest), (deepest[0][1], deepest[0][1])]
+
+
+def pair_taps(network: torch.nn.Module, pairs: Sequence[Pair], side: Literal["student", "teacher"]) -> FeatureTaps:
+    """The :class:`FeatureTaps` for one side of ``pairs``: the segmentation network's modules (first names),
+    stored in training forward passes only, or the teacher's (second names), stored in every forward pass, as the
+    teacher runs in eval mode under ``no_grad``."""
+    if side not in ("student", "teacher"):
+        raise ValueError(f"side must be 'student' or 'teacher', got {side!r}")
+    index = 0 if side == "student" else 1
+    return FeatureTaps(network, [pair[index] for pair in pairs], training_only=side == "student")
+
+
+def encode_label(label: torch.Tensor, num_classes: int, encoding: LabelEncoding = "onehot") -> torch.Tensor:
+    """The reconstruction network's input from a label map (B, 1, *S) of class indices: one-hot (B, num_classes,
+    *S), or the raw index as a float intensity (B, 1, *S) as in the seed's ``UNet_hd.forward``."""
+    label = label.as_subclass(torch.Tensor)  # plain tensor: MetaTensor metadata is of no use to the network
+    if encoding == "onehot":
+        return one_hot(label, num_classes, dim=1, dtype=torch.float32)
+    if encoding == "index":
+        return label.float()
+    raise ValueError(f"reseg_label_encoding must be 'onehot' or 'index', got {encoding!r}")
+
+
+class LabelToImageBatch:
+    """``prepare_batch`` for stage 1: the network input is the encoded label, the target is the image.
+
+    Called by MONAI's SupervisedTrainer / SupervisedEvaluator as ``prepare_batch(batchdata, device,
+    non_blocking)``; returns (encode_label(label) (B, C_in, *S), image (B, C_img, *S)).
+    """
+
+    def __init__(self, num_classes: int, label_encoding: LabelEncoding = "onehot") -> None:
+        encode_label(torch.zeros(1, 1, 1), num_classes, label_encoding)  # refuse a bad encoding now, not at step 1
+        self.num_classes, self.label_encoding = num_classes, label_encoding
+
+    def __call__(self, batchdata: Mapping[str, torch.Tensor], device: str | torch.device | None = None,
+                 non_blocking: bool = False, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        label = batchdata["label"].to(device=device, non_blocking=non_blocking)
+        image = batchdata["image"].to(device=device, non_blocking=non_blocking)
+        return encode_label(label, self.num_classes, self.label_encoding), image.as_subclass(torch.Tensor)
+
+
+class ReconstructionLoss(torch.nn.Module):
+    """Stage-1 loss L_rec = mse_weight * MSE(pred, image) + l1_weight * L1(pred, image), 0.6 and 0.4 in the seed.
+
+    ``forward(pred, target)`` takes (B, C_img, *S) each; ``terms`` holds the detached ``mse``, ``l1``, ``total``.
+    Unlike the seed (``n_classes`` output channels broadcast against a 1-channel image), the network has as many
+    output channels as the image.
+    """
+
+    def __init__(self, mse_weight: float = 0.6, l1_weight: float = 0.4) -> None:
+        super().__init__()
+        self.mse_weight, self.l1_weight = mse_weight, l1_weight
+        self.terms: dict[str, torch.Tensor] = {}
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if pred.shape != target.shape:
+            raise ValueError(f"reconstruction {list(pred.shape)} and image {list(target.shape)} differ: the "
+                             "reconstruction network's out_channels must be the image's in_channels")
+        mse, l1 = F.mse_loss(pred, target), F.l1_loss(pred, target)
+        total = self.mse_weight * mse + self.l1_weight * l1
+        self.terms = {"mse": mse.detach(), "l1": l1.detach(), "total": total.detach()}
+        return total
+
+
+def check_reconstruction_checkpoint(path: str, bundle_root: str = ".", backbone: str | None = None) -> str:
+    """Refuse stage 2 before any compute when the stage-1 checkpoint ``path`` is missing. Returns ``path``."""
+    if not os.path.isfile(path):
+        backbone_arg = f" --backbone {backbone}" if backbone else ""
+        raise FileNotFoundError(
+            f"ReSeg stage 2 needs the stage-1 reconstruction network {path}, which does not exist. Train it first "
+            f"(same data and backbone settings as this run):\n    {STAGE_ONE_COMMAND} --bundle_root {bundle_root}"
+            f"{backbone_arg} --dataset_dir ...\nor run both stages in order with run id 'training_all' and the same "
+            "two config files; --reseg_weight 0 trains the plain baseline, which needs no teacher."
+        )
+    return path
+
+
+def _pool_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """(B, C, *S) -> (B, channels, *S) by averaging consecutive channel groups (adaptive average pooling)."""
+    if x.shape[1] == channels:
+        return x
+    flat = x.movedim(1, -1).reshape(-1, 1, x.shape[1])
+    return F.adaptive_avg_pool1d(flat, channels).reshape(*x.shape[:1], *x.shape[2:], channels).movedim(-1, 1)
+
+
+def match_shapes(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bring two maps (B, C_s, *S_s) and (B, C_t, *S_t) to a common shape without parameters: the larger is
+    adaptive-average-pooled to the element-wise smaller spatial size, then to the smaller channel count (means of
+    consecutive channel groups). The default pairs always have equal shapes, so this only acts on pairs given in
+    the config; nothing is ever up-sampled, and no projection is learned that could absorb the difference."""
+    size = [min(s, t) for s, t in zip(student.shape[2:], teacher.shape[2:])]
+    channels = min(student.shape[1], teacher.shape[1])
+    return (_pool_channels(pool_to_size(student, size), channels),
+            _pool_channels(pool_to_size(teacher, size), channels))
+
+
+def _check_feature_norm(feature_norm: str) -> FeatureNorm:
+    if feature_norm not in ("instance", "none"):
+        raise ValueError(f"reseg_feature_norm must be 'instance' or 'none', got {feature_norm!r}")
+    return feature_norm
+
+
+def standardize_channels(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Each channel of each sample of (B, C, *S) to zero mean and unit variance over its spatial positions
+    (instance normalisation without affine parameters; a map of one position becomes 0)."""
+    spatial = tuple(range(2, x.dim()))
+    variance, mean = torch.var_mean(x, dim=spatial, keepdim=True, correction=0)
+    return (x - mean) * torch.rsqrt(variance + eps)
+
+
+def feature_consistency(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor],
+                        pairs: Sequence[Pair], pair_weights: Sequence[float] | None = None,
+                        divisor: float = 3.0, feature_norm: FeatureNorm = "instance") -> torch.Tensor:
+    """L_opt = sum_i w_i * MSE(n(student[pairs[i][0]]), n(teacher[pairs[i][1]])) / divisor (seed: w_i = 1, divisor 3).
+
+    n is :func:`standardize_channels` (``feature_norm="instance"``, the default) or the identity (``"none"``, the
+    seed's formula on raw maps). The seed's maps all end in BatchNorm + ReLU, so their scale is fixed near 1 and
+    a = 0.035 weighs L_opt at a few percent of the segmentation loss; MONAI's SegResNet, UNet and SwinUNETR blocks
+    end in residual sums without a closing normalisation, whose scale grows with training (the docs give the
+    measurements), so the bundle standardises each map per channel before the MSE to keep the seed's scale and
+    the meaning of a. Each standardised MSE lies in [0, 4] (it is 2 * (1 - correlation) averaged over channels).
+
+    MSE is the mean over all elements (``F.mse_loss``), in float32 so that AMP features do not lose the small
+    differences; mismatched shapes go through :func:`match_shapes` before normalising.
+    """
+    _check_feature_norm(feature_norm)
+    weights = [1.0] * len(pairs) if pair_weights is None else list(pair_weights)
+    if len(weights) != len(pairs):
+        raise ValueError(f"reseg_pair_weights has {len(weights)} entries for {len(pairs)} reseg_pairs")
+    total = 0.0
+    for (s_name, t_name), w in zip(pairs, weights):
+        s, t = match_shapes(student[s_name].float(), teacher[t_name].float())
+        if feature_norm == "instance":
+            s, t = standardize_channels(s), standardize_channels(t)
+        total = total + w * F.mse_loss(s, t)
+    return total / divisor
+
+
+class ReSegLoss(torch.nn.Module):
+    """Stage-2 loss L = ce_weight * CE + dice_weight * Dice + weight * L_opt (see the module docstring).
+
+    Args:
+        student_taps: :class:`FeatureTaps` on the segmentation network (training forward passes only) for the
+            pairs' first names.
+        teacher: the stage-1 reconstruction network. It is frozen here (no parameter requires grad) and kept in
+            eval mode, and runs under ``torch.no_grad()`` on the encoded label at every call.
+        teacher_taps: :class:`FeatureTaps` on ``teacher`` with ``training_only=False``, for the pairs' second names.
+        pairs: (student module, teacher module) names, :func:`default_pairs` for the seed's seven.
+        weight: a, the seed's 0.035. 0 gives exactly the DiceCE loss (the baseline): no teacher forward, and the
+            hooks of any taps given are removed.
+        ce_weight, dice_weight: 0.5 and 0.5 in the seed.
+        divisor: L_opt's divisor, the seed's 3 (not the number of pairs).
+        feature_norm: "instance" (default) standardises every tapped map per channel before the MSE, "none" uses
+            the raw maps as the seed does (see :func:`feature_consistency` for why).
+        pair_weights: one weight per pair; None for all 1, as in the seed.
+        num_classes, label_encoding: how the label becomes the teacher's input, as in stage 1 (:func:`encode_label`).
+
+    ``forward(logits, label)`` takes logits (B, K, *S) and labels (B, 1, *S). After each call ``terms`` holds the
+    detached ``seg``, ``opt`` (L_opt, when weight != 0) and ``total`` for logging.
+    """
+
+    def __init__(self, student_taps: FeatureTaps | None, teacher: torch.nn.Module | None,
+                 teacher_taps: FeatureTaps | None, pairs: Sequence[Pair] | None = None, weight: float = 0.035,
+                 ce_weight: float = 0.5, dice_weight: float = 0.5, divisor: float = 3.0,
+                 pair_weights: Sequence[float] | None = None, feature_norm: FeatureNorm = "instance",
+                 num_classes: int = 2, label_encoding: LabelEncoding = "onehot") -> None:
+        super().__init__()
+        self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=ce_weight, lambda_dice=dice_weight)
+        self.weight = weight
+        if not weight:
+            for taps in (student_taps, teacher_taps):
+                if taps is not None:
+                    taps.remove()  # otherwise the hooks would keep storing features that nothing reads
+            student_taps = teacher = teacher_taps = None
+        elif student_taps is None or teacher is None or teacher_taps is None or not pairs:
+            raise ValueError("reseg_weight != 0 needs student taps, the teacher, its taps and at least one pair; "
+                             "set reseg_weight 0 for the baseline")
+        elif divisor <= 0:
+            raise ValueError(f"reseg_divisor must be positive, got {divisor}")
+        self.student_taps, self.teacher_taps = student_taps, teacher_taps
+        self.teacher = teacher.requires_grad_(False).eval() if teacher is not None else None
+        self.pairs = [tuple(p) for p in pairs or ()]
+        self.pair_weights, self.divisor, self.feature_norm = pair_weights, divisor, _check_feature_norm(feature_norm)
+        self.num_classes, self.label_encoding = num_classes, label_encoding
+        self.terms: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True) -> ReSegLoss:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher's normalisation layers use their stage-1 statistics, never the batch's
+        return self
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        seg = self.seg_loss(logits, label)
+        terms = {"seg": seg}
+        total = seg
+        if self.teacher is not None:
+            student = self.student_taps.pop()
+            with torch.no_grad():
+                self.teacher(encode_label(label, self.num_classes, self.label_encoding))
+            teacher = self.teacher_taps.pop()
+            terms["opt"] = feature_consistency(student, teacher, self.pairs, self.pair_weights, self.divisor,
+                                                 self.feature_norm)
+            total = seg + self.weight * terms["opt"]
+        terms["total"] = total
+        self.terms = {name: value.detach() for name, value in terms.items()}
+        return total

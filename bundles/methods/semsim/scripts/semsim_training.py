@@ -1,0 +1,320 @@
+"""SemSim's training step on MONAI's SupervisedTrainer: the views of one iteration and the passes that produce them.
+
+MONAI's ``SupervisedTrainer`` runs ``loss_function(network(inputs), targets)`` with AMP, gradient accumulation and
+its events; SemSim fits it unchanged with
+
+- ``prepare_batch`` = :class:`SemiSupervisedBatch`: moves the labeled and unlabeled views to the device and
+  applies CutMix between unlabeled volumes of the batch to the two strong views;
+- ``network`` = :class:`SemSimNetwork`: the backbone's passes over the labeled + weak, strong and
+  feature-perturbed views, and the Spatial-aware Fusion Module on the encoder features read by forward hooks;
+- ``loss_function`` = ``scripts.semsim.SemSimLoss`` on the outputs.
+
+Only the backbone is saved as the model, so inference and export are those of the plain backbone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from monai.networks import nets
+
+from .backbones import required_divisor, unwrap
+from .feature_taps import FeatureTaps
+
+UNLABELED_KEYS = ("unlabeled_image", "unlabeled_strong1", "unlabeled_strong2")
+
+
+def encoder_stages(network: torch.nn.Module) -> list[tuple[str, int]]:
+    """(module name, down-sampling factor) of every encoder stage whose output the decoder uses, shallow first.
+
+    - SegResNet: ``down_layers.i`` at 2**i (the last is the bottleneck).
+    - UNet: the down ResidualUnit of each level (``model.0`` at the first stride, ``model.1.submodule.0``, ...)
+      and the bottom unit (no stride); each feeds both its skip connection and the next level.
+    - SwinUNETR: the residual encoder blocks ``encoder1..4`` (1, 2, 4, 8) and ``encoder10`` (32) on the image and
+      ``swinViT``'s hidden states.
+    """
+    network = unwrap(network)
+    if isinstance(network, nets.SegResNet):
+        return [(f"down_layers.{i}", 2**i) for i in range(len(network.down_layers))]
+    if isinstance(network, nets.UNet):
+        names, level, factor = [], "model", 1
+        for stride in network.strides:
+            factor *= int(stride)
+            names.append((f"{level}.0", factor))
+            level = f"{level}.1.submodule"
+        names.append((level, factor))
+        return names
+    if isinstance(network, nets.SwinUNETR):
+        return [("encoder1", 1), ("encoder2", 2), ("encoder3", 4), ("encoder4", 8), ("encoder10", 32)]
+    raise TypeError(f"no SemSim encoder stages for {type(network).__name__}: use SegResNet, UNet or SwinUNETR, or "
+                    "give semsim_fusion_stages and semsim_perturbed_stages in the config")
+
+
+def fusion_stages(network: torch.nn.Module) -> list[str]:
+    """The encoder stages at 1/2, 1/4 and 1/8 of the input, the Spatial-aware Fusion Module's inputs.
+
+    The paper fuses stages 2, 3 and 4 of its UNet, which lie at 1/2, 1/4 and 1/8 (stage 1 is full resolution), and
+    predicts on the middle (1/4) grid; the bundle picks the stages at the same resolutions on every backbone.
+    """
+    by_factor = {}
+    for name, factor in encoder_stages(network):
+        by_factor.setdefault(factor, name)
+    missing = [f for f in (2, 4, 8) if f not in by_factor]
+    if missing:
+        raise ValueError(f"{type(unwrap(network)).__name__} has no encoder stage at 1/{missing}: the fusion module "
+                         "needs stages at 1/2, 1/4 and 1/8; set semsim_fusion_stages in the config")
+    return [by_factor[f] for f in (2, 4, 8)]
+
+
+def fusion_channels(network: torch.nn.Module, spatial_dims: int = 3) -> list[int]:
+    """Channel counts of the :func:`fusion_stages`, read from one forward pass of a small zero input, so that any
+    configuration of the backbone (init_filters, channels, feature_size) gives the fusion module's in_channels."""
+    names = fusion_stages(network)
+    size = 2 * max(16, required_divisor(network))  # a deepest map of at least 2 voxels for instance norms
+    taps = FeatureTaps(network, names, training_only=False)
+    mode = network.training
+    try:
+        with torch.no_grad():
+            network.eval()(torch.zeros(1, _in_channels(network), *(size,) * spatial_dims))
+        features = taps.pop()
+    finally:
+        taps.remove()
+        network.train(mode)
+    return [features[name].shape[1] for name in names]
+
+
+def _in_channels(network: torch.nn.Module) -> int:
+    first_conv = next(m for m in unwrap(network).modules() if isinstance(m, torch.nn.modules.conv._ConvNd))
+    return first_conv.in_channels
+
+
+def check_fusion_roi(network: torch.nn.Module, roi_size: Sequence[int], window_size: int = 2) -> tuple[int, ...]:
+    """Refuse, before any data is loaded, a crop whose 1/8 grid the fusion module cannot cut into windows of
+    ``window_size``: every size must be divisible by 8 * window_size (and by the backbone's own divisor)."""
+    size = tuple(int(s) for s in roi_size)
+    divisor = math.lcm(8 * window_size, required_divisor(network))
+    bad = [s for s in size if s % divisor]
+    if bad:
+        raise ValueError(
+            f"roi_size {list(size)} does not suit the Spatial-aware Fusion Module with sfm_window_size {window_size} "
+            f"on {type(unwrap(network)).__name__}: every size must be divisible by {divisor}; set --roi_size to e.g. "
+            f"{[max(divisor, round(s / divisor) * divisor) for s in size]} or a smaller --sfm_window_size"
+        )
+    return size
+
+
+def perturbed_stages(network: torch.nn.Module) -> list[str]:
+    """The modules whose outputs the feature-perturbation pass drops channels of: every encoder feature the
+    decoder reads. For SwinUNETR that is the image stem ``encoder1`` and ``swinViT``'s hidden states (before the
+    residual encoder blocks, so the raw fourth state the decoder also reads is perturbed too)."""
+    if isinstance(unwrap(network), nets.SwinUNETR):
+        return ["encoder1", "swinViT"]
+    return [name for name, _ in encoder_stages(network)]
+
+
+class ChannelDropout:
+    """Forward hooks that replace the outputs of named modules by channel dropout (probability ``p``, the
+    UniMatch feature perturbation ``nn.Dropout2d(0.5)``), active only inside ``with hooks.active():``.
+
+    A module that returns a list or tuple of maps (SwinUNETR's ``swinViT``) has each map dropped.
+    """
+
+    def __init__(self, network: torch.nn.Module, names: Sequence[str], p: float = 0.5) -> None:
+        if not 0 <= p < 1:
+            raise ValueError(f"feature_dropout must be in [0, 1), got {p}")
+        modules = dict(unwrap(network).named_modules())
+        missing = [name for name in names if name not in modules]
+        if missing:
+            raise ValueError(f"perturbed stages {missing} are not modules of {type(unwrap(network)).__name__}")
+        self.p, self._active = p, False
+        self._handles = [modules[name].register_forward_hook(self._hook) for name in names]
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, C, *S) -> (B, C, 1, ...) mask: whole channels are dropped, the survivors scaled by 1 / (1 - p)
+        keep = torch.rand(x.shape[:2] + (1,) * (x.dim() - 2), device=x.device) >= self.p
+        return x * keep.to(x.dtype) / (1 - self.p)
+
+    def _hook(self, module: torch.nn.Module, args: tuple, output):
+        if not self._active:
+            return None
+        if isinstance(output, (list, tuple)):
+            return type(output)(self._drop(o) for o in output)
+        return self._drop(output)
+
+    @contextmanager
+    def active(self):
+        self._active = True
+        try:
+            yield
+        finally:
+            self._active = False
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def cutmix_masks(shape: Sequence[int], probability: float = 0.5, volume: tuple[float, float] = (0.02, 0.4),
+                 aspect: tuple[float, float] = (0.3, 1 / 0.3), generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random CutMix boxes as float masks (B, 1, *S), 1 inside the box.
+
+    UniMatch's box, in d dimensions: with ``probability`` per volume, a box of ``volume`` fraction U(0.02, 0.4) of the
+    crop whose edge ratios are log-uniform in ``aspect`` (0.3 ... 3.3), at a uniform position, clipped to the crop.
+    """
+    batch, spatial = shape[0], [int(s) for s in shape[2:]]
+    masks = torch.zeros(batch, 1, *spatial)
+    for b in range(batch):
+        if torch.rand((), generator=generator) >= probability:
+            continue
+        fraction = volume[0] + (volume[1] - volume[0]) * torch.rand((), generator=generator).item()
+        log_ratios = torch.empty(len(spatial)).uniform_(math.log(aspect[0]), math.log(aspect[1]), generator=generator)
+        log_ratios -= log_ratios.mean()  # edge ratios whose product is 1, so the box keeps its volume
+        edge = (fraction * math.prod(spatial)) ** (1 / len(spatial))
+        box = []
+        for size, ratio in zip(spatial, log_ratios.exp().tolist()):
+            length = min(size, max(1, round(edge * ratio)))
+            start = int(torch.randint(0, size - length + 1, (), generator=generator))
+            box.append(slice(start, start + length))
+        masks[(b, 0, *box)] = 1.0
+    return masks
+
+
+class SemiSupervisedBatch:
+    """``prepare_batch`` for SupervisedTrainer: (inputs, label) from a batch of :class:`SemiSupervisedLoader`.
+
+    ``inputs`` holds plain tensors on ``device``: "image" (B_l, C, *S), and with unlabeled data
+    "unlabeled_image" (B_u, C, *S) and the strong views "unlabeled_strong1"/"unlabeled_strong2", each with a box
+    pasted from its partner volume with ``cutmix_probability`` (Sec. IV-B: colour transformation and CutMix);
+    "mix1"/"mix2" (B_u, 1, *S) are those boxes and "partner" (B_u,) the partner of each volume, the next one in the
+    batch, so the loss can mix the pseudo-labels the same way. ``label`` is (B_l, 1, *S).
+    """
+
+    def __init__(self, cutmix_probability: float = 0.5, seed: int = 0) -> None:
+        self.cutmix_probability = cutmix_probability
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, batchdata: Mapping[str, torch.Tensor], device: str | torch.device | None = None,
+                 non_blocking: bool = False, **kwargs) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        def move(key: str) -> torch.Tensor:
+            return batchdata[key].as_subclass(torch.Tensor).to(device=device, non_blocking=non_blocking)
+
+        inputs = {"image": move("image")}
+        if UNLABELED_KEYS[0] in batchdata:
+            inputs.update({key: move(key) for key in UNLABELED_KEYS})
+            batch = inputs["unlabeled_image"].shape[0]
+            if batch < 2 and self.cutmix_probability > 0:
+                raise ValueError("CutMix pastes boxes between unlabeled volumes of a batch, which has 1: set "
+                                 "unlabeled_batch_size (times num_samples) >= 2, or cutmix_probability 0")
+            partner = torch.roll(torch.arange(batch), -1)
+            inputs["partner"] = partner.to(device)
+            for view, mix in (("unlabeled_strong1", "mix1"), ("unlabeled_strong2", "mix2")):
+                box = cutmix_masks(inputs[view].shape, self.cutmix_probability, generator=self.generator).to(device)
+                inputs[view] = torch.lerp(inputs[view], inputs[view][inputs["partner"]], box)
+                inputs[mix] = box
+        return inputs, move("label")
+
+
+class _EncoderDone(Exception):
+    """Raised by a forward hook to end a pass once the features it is run for exist."""
+
+
+class SemSimNetwork(torch.nn.Module):
+    """The passes of one SemSim iteration, as one module for SupervisedTrainer (and DistributedDataParallel).
+
+    ``forward(inputs)`` with the dict of :class:`SemiSupervisedBatch` returns the dict ``SemSimLoss`` reads:
+
+    1. labeled + weak views in one pass: "labeled" (B_l, K, *S), "weak" (B_u, K, *S) logits, and with the fusion
+       module "features_labeled" / "features_weak" (B, D, *S/4), the latter without gradient (it only makes
+       targets);
+    2. strong view 1: "strong1" logits and, with the fusion module, "features_strong1"; then strong view 2 for
+       "features_strong2" only: the paper's x_s2 serves only the cross-image term (Table VI), which reads SFM
+       features, so its pass ends at the deepest fused encoder stage (a forward hook stops it) and the rest of the
+       encoder and the decoder are not run;
+    3. with ``feature_perturbation``, the weak view again with channel dropout on every encoder feature: "fp".
+
+    Passes a term does not need are skipped: without unlabeled data (supervised-only) only pass 1's labeled part
+    runs; without ``sfm`` (L_intra and L_cross weighted 0: FixMatch) there are no features and no strong view 2.
+    "mix1", "mix2" and "partner" are passed through.
+
+    Args:
+        backbone: the segmentation network (its ``state_dict`` is the bundle's model).
+        sfm: the Spatial-aware Fusion Module on the ``fusion`` stages, or None.
+        fusion: three encoder module names at 1/2, 1/4, 1/8 (:func:`fusion_stages`); None without ``sfm``.
+        perturbed: modules for the feature-perturbation pass (:func:`perturbed_stages`).
+        feature_perturbation: run pass 3.
+        feature_dropout: its channel-dropout probability, 0.5.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, sfm: torch.nn.Module | None, fusion: Sequence[str] | None = None,
+                 perturbed: Sequence[str] = (), feature_perturbation: bool = True, feature_dropout: float = 0.5) -> None:
+        super().__init__()
+        if sfm is not None and not fusion:
+            raise ValueError("the fusion module needs the names of its three encoder stages (fusion_stages)")
+        self.backbone, self.sfm = backbone, sfm
+        self.fusion = list(fusion or ())
+        self.taps = FeatureTaps(backbone, self.fusion) if sfm is not None else None
+        self._deepest_fused = dict(unwrap(backbone).named_modules())[self.fusion[-1]] if sfm is not None else None
+        self.dropout = ChannelDropout(backbone, perturbed, feature_dropout) if feature_perturbation else None
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Load a full checkpoint, or the backbone's own such as ``models/model.pt`` (no ``backbone.`` keys).
+
+        The backbone's checkpoint loads into the backbone (strictly, if ``strict``) and leaves the fusion module as
+        it is: fine-tuning from a released model, as MONAI Label's "pretrained" training does by loading
+        models/model.pt into ``network`` non-strictly, where otherwise no key would match and training would
+        silently start from scratch.
+        """
+        if not any(key.startswith("backbone.") for key in state_dict):
+            return self.backbone.load_state_dict(state_dict, strict=strict, assign=assign)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _features(self) -> torch.Tensor:
+        features = self.taps.pop()
+        return self.sfm([features[name] for name in self.fusion])
+
+    def _encoder_features(self, image: torch.Tensor) -> torch.Tensor:
+        """The SFM features of ``image`` from a pass that stops once the deepest fused stage has run."""
+
+        def stop(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+            raise _EncoderDone
+
+        handle = self._deepest_fused.register_forward_hook(stop)  # after the taps' hook, which stores first
+        try:
+            self.backbone(image)
+        except _EncoderDone:
+            pass
+        finally:
+            handle.remove()
+        return self._features()
+
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        labeled = inputs["image"]
+        if "unlabeled_image" not in inputs:
+            return {"labeled": self.backbone(labeled)}
+        weak = inputs["unlabeled_image"]
+        n_labeled, n_unlabeled = labeled.shape[0], weak.shape[0]
+        logits = self.backbone(torch.cat([labeled, weak]))
+        out = dict(zip(("labeled", "weak"), logits.split([n_labeled, n_unlabeled])))
+        if self.sfm is not None:
+            tapped = self.taps.pop()
+            stages = [tapped[name] for name in self.fusion]
+            out["features_labeled"] = self.sfm([stage[:n_labeled] for stage in stages])
+            with torch.no_grad():  # the weak view's features only make targets (p1_w, p2_w), which carry no gradient
+                out["features_weak"] = self.sfm([stage[n_labeled:] for stage in stages])
+        out["strong1"] = self.backbone(inputs["unlabeled_strong1"])
+        if self.sfm is not None:
+            out["features_strong1"] = self._features()
+            out["features_strong2"] = self._encoder_features(inputs["unlabeled_strong2"])
+        if self.dropout is not None:
+            with self.dropout.active():
+                out["fp"] = self.backbone(weak)
+        if self.taps is not None:
+            self.taps.pop(strict=False)  # the perturbed pass's features are not used
+        for key in ("mix1", "mix2", "partner"):
+            out[key] = inputs[key]
+        return out
