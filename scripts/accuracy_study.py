@@ -24,6 +24,7 @@ import concurrent.futures
 import csv
 import json
 import os
+import platform
 import re
 import shlex
 import subprocess
@@ -39,7 +40,7 @@ import numpy as np
 
 # scripts/ is this script's folder, first on sys.path: its tools import as top-level modules
 import make_dataset
-from benchmark_common import cpu_model
+import method_registry
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_MARKER = ".made_by_accuracy_study"
@@ -139,6 +140,23 @@ def parse_arm(text: str) -> Arm:
     return Arm(name, parse_overrides(overrides))
 
 
+def registered_method(bundle: str) -> method_registry.Method | None:
+    """The registry's method whose bundle is ``bundle`` (its arms, training stages and labeled count are the
+    study's defaults), or None for a bundle outside the registry."""
+    return next((m for m in method_registry.all_methods() if m.bundle == bundle), None)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what the platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # not Linux: fall back below
+    return platform.processor() or platform.machine()
+
+
 def default_threads(parallel: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // parallel)
 
@@ -146,8 +164,9 @@ def default_threads(parallel: int) -> int:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", required=True, help="folder name under bundles/, e.g. selfreg_segmentation")
-    parser.add_argument("--arm", action="append", type=parse_arm, required=True, metavar="NAME=OVERRIDES",
-                        help="an arm and its bundle CLI overrides; repeat; the first is the baseline")
+    parser.add_argument("--arm", action="append", type=parse_arm, metavar="NAME=OVERRIDES",
+                        help="an arm and its bundle CLI overrides; repeat; the first is the baseline (default: the "
+                             "method registry's arms of the bundle)")
     parser.add_argument("--task", action="append", choices=TASKS, help="repeat (default: tissue and brain)")
     parser.add_argument("--seeds", nargs="+", type=int, default=DEFAULT_SEEDS, help="default 0 1 2")
     parser.add_argument("--epochs", type=positive_int, help=f"default {DEFAULT_EPOCHS} ({QUICK_EPOCHS} with --quick)")
@@ -159,17 +178,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="edge length in voxels of synthetic volumes (task synthetic and the fallback)")
     parser.add_argument("--labeled", type=positive_int, default=None, metavar="N",
                         help="semi-supervised datasets: only the first N training cases keep their label, the others "
-                             "are unlabeled (make_dataset.py --labeled; for SemSim)")
+                             "are unlabeled (make_dataset.py --labeled; default: the registry's, for a method that "
+                             "needs unlabeled images)")
     parser.add_argument("--parallel", type=positive_int, default=2,
                         help="training runs at once, each with OMP_NUM_THREADS = cores // N (default 2)")
-    parser.add_argument("--train-configs", nargs="+", default=list(TRAIN_CONFIGS), metavar="CONFIG",
-                        help="the training's config files, in the bundle (default configs/train.json; ReSeg's two "
-                             "stages: configs/train.json configs/train_reconstruction.json)")
-    parser.add_argument("--train-run-id", default="run", help="the training's run id (default run; ReSeg's two "
-                        "stages: training_all)")
+    parser.add_argument("--train-configs", nargs="+", metavar="CONFIG",
+                        help="the training's config files, in the bundle (default: the registry's training configs "
+                             "of the bundle's method, else configs/train.json)")
+    parser.add_argument("--train-run-id", help="the training's run id (default: the registry's, else run)")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test: {QUICK_EPOCHS} epochs, the first seed, the first task")
     args = parser.parse_args(argv)
+    method = registered_method(args.bundle)
+    if method is not None:
+        args.arm = args.arm or [parse_arm(f"{name}={text}") for name, text in method.arms.items()]
+        args.train_configs = args.train_configs or list(method.training.configs)
+        args.train_run_id = args.train_run_id or method.training.run_id
+        args.labeled = args.labeled or method.labeled
+    args.arm = args.arm or []
+    args.train_configs = args.train_configs or list(TRAIN_CONFIGS)
+    args.train_run_id = args.train_run_id or "run"
     names = [arm.name for arm in args.arm]
     if len(names) < 2 or len(set(names)) != len(names):
         parser.error(f"give at least two --arm with distinct names (the first is the baseline), got {names}")
@@ -644,7 +672,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         report["machine"], report["wall_s"] = previous["machine"], previous["wall_s"]
     (args.out / "results.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     text = markdown(report)
-    (args.out / "results.md").write_text(text + "\n")
+    (args.out / "results.md").write_text(text.rstrip("\n") + "\n")  # one final newline, no blank line
     print("\n" + text)
     print(f"written: {args.out / 'results.json'}, {args.out / 'results.md'}")
     return report

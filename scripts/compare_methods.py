@@ -1,13 +1,15 @@
 """Compare every method bundle against its zero-weight baseline, in one command, and write the report.
 
-For each method (SegResNet-VAE, SelfReg, ReSeg; SemSim also against plain FixMatch) this
+For each method of the registry (``bundles/methods/<method>/method.json``: its arms, tasks, training stages, the
+arm it is measured against and its targets) this
 
 1. trains every arm on the real-MRI tasks of ``scripts/make_dataset.py`` (brain extraction on held-out heads and
    bg/GM/WM tissue on disjoint MNI slabs; SemSim: both with one labeled case plus the unlabeled pool), over several
    seeds, and evaluates the held-out cases, through ``scripts/accuracy_study.py``: the bundle's own configs
    run by ``python -m monai.bundle run`` with overrides only;
-2. measures the training-step time, its peak memory and the sliding-window inference time against the baseline
-   with the method's benchmark script (``scripts/benchmark_<method>.py``, ratios from one interleaved run);
+2. measures the training-step time, its peak memory and the sliding-window inference time of every arm with
+   ``scripts/benchmark.py`` (the bundle's own configs; ratios against the method's ``compare_against`` arm from one
+   interleaved run);
 3. runs each arm's seed-0 model through the bundle's ``configs/inference.json`` on the held-out case, for overlays;
 4. writes ``docs/results/``: ``README.md`` (tables: Dice and HD95 mean and spread per method, arm and task, the
    cost ratios and inference time per volume, each against its target), ``per_case.csv`` (every case of every run),
@@ -34,7 +36,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -46,6 +48,8 @@ import numpy as np  # noqa: E402
 # scripts/ is this script's folder, first on sys.path: its tools import as top-level modules
 import accuracy_study  # noqa: E402
 import demo  # noqa: E402
+import method_registry  # noqa: E402
+from method_registry import Method  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -58,7 +62,7 @@ GPU_EXTRA = "--num_samples 2 --spacing [1.0,1.0,1.0] --roi_size [96,96,96] --num
 @dataclass(frozen=True)
 class Profile:
     """A budget: epochs per run, the validation interval, the shared overrides, seeds, runs side by side, and the
-    benchmark options: for every method, then per method (network size and crops)."""
+    options of ``scripts/benchmark.py`` (the same for every method)."""
 
     epochs: int
     val_interval: int
@@ -66,78 +70,29 @@ class Profile:
     seeds: tuple[int, ...]
     parallel: int
     benchmark: tuple[str, ...]
-    method_benchmark: dict[str, tuple[str, ...]]
     caveat: str = ""
 
 
-# On CPU: half-size networks (the benchmarks' --small; SegResNet-VAE's is set directly) and SemSim's memory measured
-# at its training crop (its 96^3 default does not fit a 24 GiB machine).
-CPU_BENCHMARK = {"segresnet_vae": ("--init-filters", "8"), "selfreg": ("--small",), "reseg": ("--small",),
-                 "semsim": ("--small", "--memory-roi", "64", "64", "32")}
 PROFILES = {
-    # Sized for 60 minutes on 2 cores (docs/results/README.md has the measured wall time).
+    # Sized for 60 minutes on 2 cores (docs/results/README.md has the measured wall time); the benchmark's --small
+    # networks (half-width backbones, the registry's small_run) at the CPU profile's crop.
     "cpu": Profile(epochs=24, val_interval=8, extra=CPU_EXTRA, seeds=(0, 1, 2), parallel=2,
-                   benchmark=("--device", "cpu", "--iters", "5", "--warmup", "1"), method_benchmark=CPU_BENCHMARK,
+                   benchmark=("--device", "cpu", "--iters", "5", "--warmup", "1", "--small", "--roi", "64", "64", "32"),
                    caveat="This is a CPU budget of a few dozen optimiser steps per run on small crops, far below "
                           "the papers' and below the longer studies in each bundle's docs: it shows what each method "
                           "does to a briefly trained baseline, not what it does at convergence."),
     # The papers' crops and the bundles' own learning rates, with AMP (the bundles turn it on with CUDA).
     "gpu": Profile(epochs=300, val_interval=10, extra=GPU_EXTRA, seeds=(0, 1, 2), parallel=1,
-                   benchmark=("--device", "cuda", "--iters", "20", "--warmup", "5"), method_benchmark={}),
+                   benchmark=("--device", "cuda", "--iters", "20", "--warmup", "5", "--roi", "96", "96", "96")),
     # For tests: one epoch, one seed, tiny crops.
     "smoke": Profile(epochs=1, val_interval=1,
                      extra="--learning_rate 2e-3 --num_samples 1 --spacing [1.5,1.5,1.5] --roi_size [24,24,24] "
                            "--num_workers 0",
-                     seeds=(0,), parallel=1, benchmark=("--device", "cpu", "--iters", "1", "--warmup", "0"),
-                     method_benchmark={name: (*args, "--roi", "32", "32", "32")
-                                       for name, args in CPU_BENCHMARK.items()}),
+                     seeds=(0,), parallel=1,
+                     benchmark=("--device", "cpu", "--iters", "1", "--warmup", "0", "--small", "--roi", "16", "16",
+                                "16", "--volume", "24", "24", "24")),
 }
-
-
-@dataclass(frozen=True)
-class Cost:
-    """Where a benchmark's JSON keeps the numbers: arm names as the benchmark writes them, whether the results are
-    per backbone, and the issue's target for the training-step ratio."""
-
-    script: str
-    method: str
-    baseline: str
-    plain: str | None  # the inference arm of the plain backbone; None: inference is the plain backbone itself
-    per_backbone: bool
-    step_target: float
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    bundle: str
-    title: str
-    arms: tuple[tuple[str, str], ...]  # (name, overrides); the first is the baseline
-    cost: Cost
-    tasks: tuple[str, ...] = ("tissue", "brain")
-    labeled: int | None = None
-    train_configs: tuple[str, ...] = ("configs/train.json",)
-    train_run_id: str = "run"
-    benchmark_args: tuple[str, ...] = field(default=())
-
-
-METHODS = (
-    Method("segresnet_vae", "segresnet_vae_segmentation", "SegResNet-VAE",
-           (("baseline", "--l2_weight 0 --kl_weight 0"), ("vae", "")),
-           Cost("benchmark_segresnet_vae.py", "SegResNetVAE", "SegResNet", "SegResNet", False, 1.35)),
-    Method("selfreg", "selfreg_segmentation", "SelfReg", (("baseline", "--selfreg_weight 0"), ("selfreg", "")),
-           Cost("benchmark_selfreg.py", "SelfReg", "baseline", "plain", True, 1.10),
-           benchmark_args=("--backbones", "segresnet")),
-    Method("reseg", "reseg_segmentation", "ReSeg", (("baseline", "--reseg_weight 0"), ("reseg", "")),
-           Cost("benchmark_reseg.py", "ReSeg", "baseline", "plain", True, 1.40),
-           train_configs=("configs/train.json", "configs/train_reconstruction.json"), train_run_id="training_all",
-           benchmark_args=("--backbones", "segresnet")),
-    Method("semsim", "semsim_segmentation", "SemSim (1 labeled case)",
-           (("supervised", "--unlabeled_weight 0 --intra_weight 0 --cross_weight 0"),
-            ("fixmatch", "--intra_weight 0 --cross_weight 0"), ("semsim", "")),
-           Cost("benchmark_semsim.py", "SemSim", "FixMatch", None, True, 1.30),
-           labeled=1, benchmark_args=("--backbones", "segresnet")),
-)
+METHODS = method_registry.all_methods()
 METHOD_NAMES = tuple(m.name for m in METHODS)
 
 
@@ -173,9 +128,9 @@ def study_argv(method: Method, tasks: Sequence[str], args: argparse.Namespace) -
     p = args.profile
     argv = ["--bundle", method.bundle, "--epochs", str(p.epochs), "--seeds", *map(str, p.seeds),
             "--extra", f"{p.extra} --val_interval {p.val_interval}", "--parallel", str(p.parallel),
-            "--out", str(args.out / "runs" / method.name), "--train-configs", *method.train_configs,
-            "--train-run-id", method.train_run_id]
-    for name, overrides in method.arms:
+            "--out", str(args.out / "runs" / method.name), "--train-configs", *method.training.configs,
+            "--train-run-id", method.training.run_id]
+    for name, overrides in method.arms.items():
         argv += ["--arm", f"{name}={overrides}"]
     for task in tasks:
         argv += ["--task", task]
@@ -189,12 +144,12 @@ def study_argv(method: Method, tasks: Sequence[str], args: argparse.Namespace) -
 
 
 def run_benchmark(method: Method, args: argparse.Namespace) -> dict:
-    """The method's benchmark, once: its JSON is kept under --out and reused by a rerun."""
+    """scripts/benchmark.py on the method's arms, once: its JSON is kept under --out and reused by a rerun."""
     path = args.out / "benchmarks" / f"{method.name}.json"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, str(REPO / "scripts" / method.cost.script), *args.profile.benchmark,
-                   *method.benchmark_args, *args.profile.method_benchmark.get(method.name, ()),
+        command = [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--method", method.name,
+                   "--against", method.compare_against, *args.profile.benchmark,
                    "--json", str(path.with_suffix(".partial"))]
         print(f"benchmark {method.name}: {shlex.join(command)}", flush=True)
         with (path.parent / f"{method.name}.log").open("w") as log:
@@ -207,24 +162,18 @@ def run_benchmark(method: Method, args: argparse.Namespace) -> dict:
 
 
 def cost_summary(method: Method, bench: dict) -> dict:
-    """Step-time, memory and inference numbers of a benchmark's JSON, as method / baseline ratios."""
-    c = method.cost
-    result = next(iter(bench["backbones"].values())) if c.per_backbone else bench
-    if "step_ratio_semsim_fixmatch" in result:
-        step = result["step_ratio_semsim_fixmatch"]
-        memory = result["memory_ratio"].get(f"{c.method}/{c.baseline}")
-    else:
-        step = result["training_step"]["median_paired_ratio"]
-        mib = result["training_step_memory_mib"]
-        memory = mib[c.method] / mib[c.baseline] if mib.get(c.method) and mib.get(c.baseline) else None
-    summary = {"step_ratio": step, "step_target": c.step_target, "memory_ratio": memory, "wall_s": bench["wall_s"],
-               "backbone": next(iter(bench["backbones"])) if c.per_backbone else "segresnet",
-               "inference_ms": None, "inference_ratio": None}
-    if c.plain is not None:
-        infer = result["sliding_window_inference"]
-        summary["inference_ms"] = {"method": infer["median_ms"][c.method], "plain": infer["median_ms"][c.plain]}
-        summary["inference_ratio"] = infer["median_paired_ratio"]
-    return summary
+    """The method arm's step-time, memory and inference numbers from benchmark.py's JSON, as ratios against the
+    ``compare_against`` arm (the benchmark's --against)."""
+    if bench["against"] != method.compare_against:
+        raise ValueError(f"{method.name}: the benchmark's ratios are against {bench['against']!r}, the registry "
+                         f"compares with {method.compare_against!r}; delete the benchmark's JSON to rerun it")
+    ours, theirs = bench["arms"][method.method_arm], bench["arms"][method.compare_against]
+    return {"against": method.compare_against, "step_ratio": ours["step_ratio"],
+            "step_target": method.step_ratio_target, "memory_ratio": ours["memory_ratio"],
+            "backbone": ours["backbone"], "wall_s": bench["wall_s"],
+            "inference_ms": {"method": ours["inference_ms"], "against": theirs["inference_ms"]},
+            "inference_ratio": ours["inference_ratio"],
+            "inference_max_abs_difference": ours["inference_max_abs_difference"]}
 
 
 def predict(method: Method, report: dict, args: argparse.Namespace) -> dict[str, dict[str, Path]]:
@@ -378,17 +327,15 @@ def accuracy_table(method: Method, report: dict) -> list[str]:
 
 
 def cost_rows(method: Method, cost: dict) -> list[str]:
-    step, target = cost["step_ratio"], cost["step_target"]
+    step, target, versus = cost["step_ratio"], cost["step_target"], cost["against"]
     verdict = "met" if step <= target else f"MISSED by {step - target:.2f}"
     memory = "–" if cost["memory_ratio"] is None else f"{cost['memory_ratio']:.2f}"
-    if cost["inference_ratio"] is None:
-        inference = "same network as the baseline (the method is training-only)"
-    else:
-        ms = cost["inference_ms"]
-        within = "within 5 %" if abs(cost["inference_ratio"] - 1) <= 0.05 else "NOT within 5 %"
-        inference = (f"{ms['method'] / 1000:.2f} s vs {ms['plain'] / 1000:.2f} s per volume, "
-                     f"ratio {cost['inference_ratio']:.3f} ({within})")
-    versus = "FixMatch" if method.name == "semsim" else "baseline"
+    ms = cost["inference_ms"]
+    within = "within 5 %" if abs(cost["inference_ratio"] - 1) <= 0.05 else "NOT within 5 %"
+    same = "same logits" if cost["inference_max_abs_difference"] == 0 else (
+        f"max logit difference {cost['inference_max_abs_difference']:.3g}")
+    inference = (f"{ms['method'] / 1000:.2f} s vs {ms['against'] / 1000:.2f} s per volume, ratio "
+                 f"{cost['inference_ratio']:.3f} ({within}); {same} as the training network")
     return [method.title, cost["backbone"], f"{step:.2f} vs {versus} (target ≤ {target:.2f}: {verdict})", memory,
             inference]
 
@@ -414,21 +361,28 @@ def task_descriptions(studies: dict[str, dict]) -> dict[str, str]:
             for name, report in studies.items() for task, dataset in report["datasets"].items()}
 
 
-# SemSim with one labeled volume: at least this much mean Dice above supervised-only (issue 8's target).
-SEMSIM_DICE_GAIN = 0.05
+def dice_gain(report: dict, task: str, arm: str, against: str) -> float | None:
+    """Mean over seeds of ``arm``'s mean Dice minus ``against``'s, paired by seed (the study pairs every arm with
+    its first, the baseline)."""
+    ours = paired_difference(report, task, arm)
+    if against == report["settings"]["arms"][0]["name"]:
+        return ours["mean"]
+    theirs = paired_difference(report, task, against)["per_seed"]
+    return accuracy_study.summary(d - theirs[s] for s, d in ours["per_seed"].items() if s in theirs)["mean"]
 
 
 def target_lines(studies: dict[str, dict], methods: Sequence[Method]) -> list[str]:
-    """Each accuracy target, met or missed and by how much (the cost targets are in the cost table)."""
+    """Each accuracy target of the registry (the method arm's Dice gain over its ``compare_against`` arm), met or
+    missed and by how much (the cost targets are in the cost table)."""
     lines = []
     for method in methods:
         report = studies[method.name]
-        arms = [a["name"] for a in report["settings"]["arms"]]
-        need = SEMSIM_DICE_GAIN if method.name == "semsim" else 0.0
+        ours, against, need = method.method_arm, method.compare_against, method.dice_gain_target
         for task in report["settings"]["tasks"]:
-            gain = paired_difference(report, task, arms[-1])["mean"]
-            verdict = "met" if gain >= need else f"MISSED by {need - gain:.3f}"
-            lines.append(f"- {method.title}, {task}: {arms[-1]} − {arms[0]} = {gain:+.3f} mean Dice, target ≥ "
+            gain = dice_gain(report, task, ours, against)
+            verdict = "not measured" if gain is None else "met" if gain >= need else f"MISSED by {need - gain:.3f}"
+            shown = "n/a" if gain is None else f"{gain:+.3f}"
+            lines.append(f"- {method.title}, {task}: {ours} − {against} = {shown} mean Dice, target ≥ "
                          f"{need:+.3f}: {verdict}.")
     return lines
 
@@ -480,22 +434,24 @@ def report_text(args: argparse.Namespace, studies: dict[str, dict], costs: dict[
                                "behind each number"],
                               [row for m in args.methods for row in accuracy_table(m, studies[m.name])], 3),
         "",
-        "Targets: each regulariser at or above its baseline's mean Dice on every task; SemSim with one labeled case "
-        f"at least {SEMSIM_DICE_GAIN:+.2f} Dice over supervised-only:",
+        "Targets (the method registry's): each method's mean Dice gain over the arm it is compared with, on every "
+        "task:",
         "",
         *target_lines(studies, args.methods),
         "",
         "Where a row says BELOW, the method did not beat its baseline in this budget. With 3 seeds and one held-out "
         "case per task, a difference under about one std of the paired differences is not evidence either way.",
         "",
-        "## Cost (training step and memory: method / baseline, median of interleaved paired steps; inference: "
+        "## Cost (training step and memory: method / the arm it is compared with, median of interleaved paired "
+        "steps; inference: "
         "sliding window over a whole volume)",
         "",
         *accuracy_study.table(["method", "backbone", "training step", "peak memory ratio", "inference"],
                               [cost_rows(m, costs[m.name]) for m in args.methods], 2),
         "",
-        "Cost numbers come from each method's benchmark script (options in `summary.json`; CPU profile: the "
-        "`--small` networks, 1 thread). The bundles' docs explain the misses as far as known.",
+        "Cost numbers come from `scripts/benchmark.py` on each method's arms, built by the bundle's own configs "
+        f"(options: `{shlex.join(p.benchmark)}`; 1 torch thread). The bundles' docs explain the misses as far as "
+        "known.",
         "",
         "## Plots",
         "",

@@ -15,6 +15,12 @@ header naming its sources; ``--check`` writes nothing and exits 1 on drift (a te
 
     python scripts/generate_bundles.py            # regenerate bundles/<bundle>/ for every method
     python scripts/generate_bundles.py --check    # report generated files that differ from their sources
+    python scripts/generate_bundles.py --stack segresnet_vae selfreg --out DIR   # two methods on one backbone
+
+``--stack`` merges several methods' fragments in the given order into one bundle (not committed, not drift-checked).
+A method stacks when its train.json fragment only adds regularisers (``regularisers#<name>``,
+``regulariser_weights#<name>``) and the ids they need; one that replaces ``loss``, ``train``, ``train#trainer`` or ``network``
+(SemSim's semi-supervised step) is refused.
 """
 
 from __future__ import annotations
@@ -115,36 +121,86 @@ def bundle_dir(method: Path) -> Path:
     return REPO / "bundles" / read_json(method / REGISTRY_FILE)["bundle"]
 
 
-def expected_files(method: Path) -> dict[Path, str]:
-    """Every file of the method's bundle, relative to the bundle folder -> its text."""
+def expected_files(*methods: Path) -> dict[Path, str]:
+    """Every file of the bundle of ``methods`` (one method, or several stacked in order), relative to the bundle
+    folder -> its text. Each method's config fragments merge, in order, into the template's config of the same name
+    (or into the previous method's config of its own); their other files are copied; two methods' ``.md`` files of
+    one name are joined in order, any other clash is refused."""
     files: dict[Path, str] = {}
     template_files = {p.relative_to(TEMPLATE): p for p in TEMPLATE.rglob("*") if p.is_file()}
-    method_files = {
-        p.relative_to(method): p
-        for p in method.rglob("*")
-        if p.is_file() and p.name != REGISTRY_FILE and "__pycache__" not in p.parts
-    }
-    for rel, source in template_files.items():
+    method_files: list[dict[Path, Path]] = [
+        {
+            p.relative_to(method): p
+            for p in method.rglob("*")
+            if p.is_file() and p.name != REGISTRY_FILE and "__pycache__" not in p.parts
+        }
+        for method in methods
+    ]
+    rels = list(template_files) + [rel for own in method_files for rel in own if rel not in template_files]
+    for rel in dict.fromkeys(rels):
         if "__pycache__" in rel.parts:
             continue
-        fragment = method_files.pop(rel, None)
+        base = template_files.get(rel)
+        fragments = [own[rel] for own in method_files if rel in own]
         if rel.suffix == ".json":
-            config = read_json(source)
-            sources = [source]
-            if fragment is not None:
-                config = merge(config, read_json(fragment))
+            sources = [base] if base is not None else []
+            config = read_json(base) if base is not None else None
+            for fragment in fragments:
+                config = read_json(fragment) if config is None else merge(config, read_json(fragment))
                 sources.append(fragment)
             files[rel] = json_text(config, sources)
-        elif fragment is not None:
-            raise SystemExit(f"{fragment.relative_to(REPO)} would replace the template's {rel}: only JSON configs "
+        elif base is not None and fragments:
+            raise SystemExit(f"{fragments[0].relative_to(REPO)} would replace the template's {rel}: only JSON configs "
                              "are merged; change the template, or give the method's file another name")
+        elif base is not None:
+            files[rel] = with_header(rel, base.read_text(), [base])
+        elif len(fragments) > 1 and rel.suffix != ".md":
+            names = ", ".join(str(f.relative_to(REPO)) for f in fragments)
+            raise SystemExit(f"{names}: the stacked methods both have {rel}; rename one of them")
         else:
-            files[rel] = with_header(rel, source.read_text(), [source])
-    for rel, source in method_files.items():
-        if rel.suffix == ".json":
-            files[rel] = json_text(read_json(source), [source])
-        else:
-            files[rel] = with_header(rel, source.read_text(), [source])
+            files[rel] = with_header(rel, "\n".join(f.read_text() for f in fragments), fragments)
+    return files
+
+
+# The ids a method replaces when it changes how the network is trained, not only what is added to the loss: such a
+# method has its own loss or training step and does not stack (SemSim: a semi-supervised training step).
+NOT_STACKABLE_IDS = ("loss", "train", "train#trainer", "network")
+
+
+def check_stackable(method: Path) -> None:
+    """Refuse a method whose train.json fragment replaces the loss, the trainer or the trained network: its terms
+    are not regularisers of the template's RegularisedLoss, so they cannot be added to another method's."""
+    fragment = method / "configs" / "train.json"
+    replaced = [key for key in (read_json(fragment) if fragment.is_file() else {}) if key in NOT_STACKABLE_IDS]
+    if replaced:
+        raise SystemExit(
+            f"{method.name} cannot be stacked: its configs/train.json replaces {replaced} (its own loss or training "
+            "step), where a stackable method only adds regularisers#<name> and regulariser_weights#<name> to the "
+            "template's RegularisedLoss. See the developer notes in README.md"
+        )
+
+
+def generate_stack(method_names: Iterable[str], out_dir: Path) -> dict[Path, str]:
+    """Write the bundle of several methods stacked on one backbone into ``out_dir``: the template plus each
+    method's files in the given order (``segresnet_vae selfreg``: SelfReg's regulariser on the VAE's network).
+    Returns the files written, relative to ``out_dir``."""
+    names = list(method_names)
+    if len(set(names)) != len(names) or not names:
+        raise SystemExit(f"--stack needs distinct method names, got {names}")
+    available = {m.name: m for m in methods()}
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise SystemExit(f"no method {unknown} under {METHODS.relative_to(REPO)}; methods: {sorted(available)}")
+    chosen = [available[n] for n in names]
+    if len(chosen) > 1:
+        for method in chosen:
+            check_stackable(method)
+    files = expected_files(*chosen)
+    out_dir = Path(out_dir)
+    for rel, text in files.items():
+        path = out_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
     return files
 
 
@@ -188,7 +244,16 @@ def write() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="report generated files that differ; write nothing")
+    parser.add_argument("--stack", nargs="+", metavar="METHOD",
+                        help="generate one bundle of several methods stacked in this order (into --out)")
+    parser.add_argument("--out", type=Path, help="the folder of the --stack bundle")
     args = parser.parse_args(argv)
+    if args.stack:
+        if args.out is None:
+            parser.error("--stack needs --out DIR")
+        generate_stack(args.stack, args.out)
+        print(f"wrote the {' + '.join(args.stack)} bundle to {args.out}")
+        return 0
     if args.check:
         problems = drift()
         for problem in problems:

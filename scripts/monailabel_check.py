@@ -6,8 +6,9 @@ work folder outside the repository:
 - ``app/``: a copy of the installed ``monailabel/sample-apps/monaibundle`` with a copy of every
   ``bundles/*_segmentation`` under ``app/model/<name>/`` (copies, not links: MONAI Label writes models/model.pt
   into the bundle), each with untrained ``models/model.pt`` weights (MONAI Label lists a bundle only once it has
-  them); ReSeg's stage-1 teacher ``models/reconstruction.pt`` is trained for one epoch with the bundle CLI on the
-  datastore's labelled images, as a user would before training stage 2 in MONAI Label.
+  them); a method with a prerequisite stage in the registry (ReSeg's teacher ``models/reconstruction.pt``) has it
+  trained for one epoch with the bundle CLI on the datastore's labelled images, as a user would before training in
+  MONAI Label.
 - ``studies/``: a datastore of real MRI from ``scripts/make_dataset.py``: the MNI tissue slabs 0, 1 and 3 labelled
   (``labels/final/``), slab 2 and two other heads (ITK, LSA at 2x2x3 mm; ROBEX) unlabelled.
 
@@ -15,8 +16,8 @@ Then it starts ``monailabel start_server`` on 127.0.0.1 (a free port, ``--conf z
 downloaded) and, for every bundle: ``/info`` lists it with its labels and dimension 3; ``/infer`` on two images
 returns a label volume with the input's shape and affine and only the bundle's label values; ``/train`` (one epoch,
 CPU) rewrites ``models/model.pt`` twice in a row (MONAI Label trains again after each round of labelling);
-``/infer`` then serves the trained model. SemSim's training must report the datastore's unlabelled images as its
-unlabelled pool. Any failure ends the run with a non-zero exit and the server log's tail; the server is stopped in
+``/infer`` then serves the trained model. A method that needs unlabelled images (SemSim) must report the
+datastore's unlabelled images as its unlabelled pool. Any failure ends the run with a non-zero exit and the server log's tail; the server is stopped in
 every case, and nothing may have been written into the repository bundles' output folders (models/, eval/, ...).
 
     .venv-monailabel/bin/python scripts/monailabel_check.py [--workdir DIR] [--data-cache DIR] [--keep]
@@ -45,8 +46,13 @@ import nibabel as nib
 import numpy as np
 import requests
 
+# scripts/ is this script's folder, first on sys.path: its tools import as top-level modules
+import method_registry
+from method_registry import Method
+
 REPO = Path(__file__).resolve().parent.parent
-BUNDLES = sorted(p for p in (REPO / "bundles").glob("*_segmentation") if p.is_dir())
+METHODS = method_registry.all_methods()
+BUNDLES = [m.bundle_dir for m in METHODS]
 # What the repository's bundle folders may hold from local runs; none of it belongs in the app's copy.
 LOCAL_OUTPUTS = ("models", "eval", "runs", "mlruns", "__pycache__")
 LABELS = {"grey matter": 1, "white matter": 2}  # every bundle's metadata channel_def, without the background
@@ -142,32 +148,37 @@ def write_untrained_model(bundle: Path, work: Path) -> None:
     run_logged([sys.executable, "-c", code], bundle, work / f"{bundle.name}_init.log", f"writing {bundle.name} weights")
 
 
-def train_reseg_teacher(bundle: Path, studies: Path, work: Path) -> None:
-    """ReSeg stage 1 with the bundle CLI on the datastore's labelled images: ``models/reconstruction.pt``."""
-    data = work / "reseg_teacher_data"
+def train_stage1(method: Method, bundle: Path, studies: Path, work: Path) -> None:
+    """The method's prerequisite stage (registry ``stage1``) with the bundle CLI on the datastore's labelled images,
+    one epoch: the file it writes (ReSeg: ``models/reconstruction.pt``)."""
+    stage = method.stage1
+    data = work / f"{method.name}_stage1_data"
     data.mkdir()
     labels = json.loads((bundle / "configs/metadata.json").read_text())["network_data_format"]["outputs"]["pred"]
     training = [{"image": str(studies / f"{n}.nii.gz"), "label": str(studies / f"labels/final/{n}.nii.gz")}
                 for n in LABELED]
     (data / "dataset.json").write_text(json.dumps({"labels": labels["channel_def"], "training": training}))
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
-           "['configs/train.json','configs/train_reconstruction.json']", "--meta_file", "configs/metadata.json",
-           "--logging_file", "configs/logging.conf", "--bundle_root", str(bundle), "--dataset_dir", str(data),
-           "--max_epochs", "1", "--num_workers", "0", "--progress_bar", "False"]
-    run_logged(cmd, bundle, work / "reseg_stage1.log", "ReSeg stage 1 (the teacher)")
-    if not (bundle / "models/reconstruction.pt").is_file():
-        raise CheckFailed(f"ReSeg stage 1 wrote no {bundle}/models/reconstruction.pt; see {work / 'reseg_stage1.log'}")
+    configs = "[" + ",".join(f"'{c}'" for c in stage.configs) + "]"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", stage.run_id, "--config_file", configs,
+           "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf", "--bundle_root",
+           str(bundle), "--dataset_dir", str(data), "--max_epochs", "1", "--num_workers", "0",
+           "--progress_bar", "False"]
+    log_file = work / f"{method.name}_stage1.log"
+    run_logged(cmd, bundle, log_file, f"{method.title} stage 1")
+    if stage.writes and not (bundle / stage.writes).is_file():
+        raise CheckFailed(f"{method.title} stage 1 wrote no {bundle / stage.writes}; see {log_file}")
 
 
 def build_app(work: Path, studies: Path) -> Path:
     app = work / "app"
     shutil.copytree(sample_app(), app)
-    for bundle in BUNDLES:
-        target = app / "model" / bundle.name
-        shutil.copytree(bundle, target, ignore=lambda folder, names: [n for n in names if n in LOCAL_OUTPUTS])
+    for method in METHODS:
+        target = app / "model" / method.bundle
+        shutil.copytree(method.bundle_dir, target,
+                        ignore=lambda folder, names: [n for n in names if n in LOCAL_OUTPUTS])
         write_untrained_model(target, work)
-        if bundle.name == "reseg_segmentation":
-            train_reseg_teacher(target, studies, work)
+        if method.stage1 is not None:
+            train_stage1(method, target, studies, work)
     return app
 
 
@@ -277,21 +288,22 @@ def check_train(server: Server, bundle: str, model: Path) -> None:
         raise CheckFailed(f"/train {bundle} answered 200 but left {model} unchanged")
 
 
-def check_semsim_pool(log_file: Path, studies: Path) -> None:
-    """SemSim's training took the datastore's unlabelled images as its unlabelled pool (the bundle logs it)."""
+def check_unlabeled_pool(method: Method, log_file: Path, studies: Path) -> None:
+    """A semi-supervised method's training took the datastore's unlabelled images as its unlabelled pool (the
+    bundle logs it)."""
     found = re.findall(r"the unlabelled pool is the (\d+) other image\(s\) in \['([^']+)'\]",
                        log_file.read_text(errors="replace"))
     expected = (str(len(UNLABELED)), os.path.realpath(studies))
     if not found or any((count, os.path.realpath(folder)) != expected for count, folder in found):
-        raise CheckFailed(f"SemSim's unlabelled pool was not the datastore's {len(UNLABELED)} unlabelled images in "
-                          f"{studies}: the server log says {found or 'nothing about it'}")
-    log(f"semsim_segmentation: unlabelled pool of {found[-1][0]} datastore images in {found[-1][1]}")
+        raise CheckFailed(f"{method.title}'s unlabelled pool was not the datastore's {len(UNLABELED)} unlabelled "
+                          f"images in {studies}: the server log says {found or 'nothing about it'}")
+    log(f"{method.bundle}: unlabelled pool of {found[-1][0]} datastore images in {found[-1][1]}")
 
 
 def run_checks(work: Path, data_cache: str | None, timings: dict[str, float]) -> None:
     with timed("datastore (make_dataset.py, real MRI)", timings):
         studies = write_datastore(work, data_cache)
-    with timed("app (copy sample app and bundles, initial weights, ReSeg teacher)", timings):
+    with timed("app (copy sample app and bundles, initial weights, prerequisite stages)", timings):
         app = build_app(work, studies)
     server = Server(app, studies, work / "server.log")
     try:
@@ -300,7 +312,8 @@ def run_checks(work: Path, data_cache: str | None, timings: dict[str, float]) ->
         check_info(info)
         infer_dir = work / "infer"
         infer_dir.mkdir()
-        for bundle in BUNDLES:
+        for method in METHODS:
+            bundle = method.bundle_dir
             model = app / "model" / bundle.name / "models/model.pt"
             with timed(f"{bundle.name} /infer x{len(INFER_IMAGES)}", timings):
                 results = [check_infer(server, bundle.name, image, studies, infer_dir) for image in INFER_IMAGES]
@@ -308,8 +321,8 @@ def run_checks(work: Path, data_cache: str | None, timings: dict[str, float]) ->
             for round_ in (1, 2):
                 with timed(f"{bundle.name} /train round {round_}", timings):
                     check_train(server, bundle.name, model)
-            if bundle.name == "semsim_segmentation":
-                check_semsim_pool(server.log_file, studies)
+            if method.needs_unlabeled:
+                check_unlabeled_pool(method, server.log_file, studies)
             with timed(f"{bundle.name} /infer with the trained model", timings):
                 result = check_infer(server, bundle.name, INFER_IMAGES[0], studies, infer_dir, "_trained")
             log(f"{bundle.name} trained /infer: {result}")

@@ -11,7 +11,9 @@ against the zoo schema, ``verify_net_in_out``, and ``--weights`` that load into 
 ``{name}_v{version}.zip`` holding one folder named after the bundle, with fixed timestamps like the zoo's
 ``compress_bundle``, and leaves out caches, logs, datasets, outputs and training checkpoints. Files above 25 MB stay
 out of the zip, as in the zoo: each is written next to the zip as a release asset and listed in
-``large_files.yml`` with its sha256. The source bundle is only read.
+``large_files.yml`` with its sha256. The weights (``--weights``: models/model.pt) are listed there too, and written
+next to the zip, as the zoo takes them: this is the route for a model-zoo submission, whose ``ci/verify_bundle.py``
+refuses a bundle without models/model.pt or a large_files.yml that lists it. The source bundle is only read.
 
 ``verify`` and ``install`` treat a zip as untrusted: every member is inspected before anything is written (absolute
 paths, drive letters, backslashes, ``..``, links and special files, more than one top-level folder, a folder not
@@ -31,8 +33,7 @@ import stat
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -40,6 +41,7 @@ from urllib.parse import urlparse
 
 # monai and torch are imported inside the functions that check a bundle, so that verify and install start fast.
 import yaml
+from bundle_env import bundle_imports
 
 REPO = Path(__file__).resolve().parent.parent
 # The zoo's metadata schema (MONAI-extra-test-data 0.8.1), stored in the repository so that the check runs offline.
@@ -111,24 +113,6 @@ def metadata_schema_problems(meta_file: Path, meta: dict) -> list[str]:
     return []
 
 
-@contextmanager
-def bundle_importable(bundle: Path) -> Iterator[None]:
-    """Configs import the bundle's own ``scripts`` package: put the bundle first on ``sys.path`` (as
-    ``monai.bundle run`` does), and forget any other bundle's ``scripts`` before and after."""
-
-    def forget_scripts() -> None:
-        for name in [n for n in sys.modules if n == "scripts" or n.startswith("scripts.")]:
-            del sys.modules[name]
-
-    forget_scripts()
-    sys.path.insert(0, str(bundle))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(bundle))
-        forget_scripts()
-
-
 def network_problems(bundle: Path, weights: Path | None) -> list[str]:
     """``verify_net_in_out`` on ``network_def`` of configs/inference.json, as the zoo's CI runs it, and ``weights``
     loaded strictly into that network (what ``monai.bundle load`` and MONAI Label do with models/model.pt)."""
@@ -137,7 +121,8 @@ def network_problems(bundle: Path, weights: Path | None) -> list[str]:
 
     config = bundle / "configs" / "inference.json"
     meta_file = bundle / "configs" / "metadata.json"
-    with bundle_importable(bundle):
+    # Configs import the bundle's own ``scripts`` package; a bundle without code needs no import set-up.
+    with bundle_imports(bundle) if (bundle / "scripts" / "__init__.py").is_file() else nullcontext():
         try:
             verify_net_in_out(net_id="network_def", meta_file=str(meta_file), config_file=str(config),
                               bundle_root=str(bundle), device="cpu")
@@ -271,8 +256,11 @@ def file_digest(path: Path, hash_type: str) -> str:
 
 def zip_members(bundle: Path, weights: Path | None, release: str | None
                 ) -> tuple[dict[str, bytes | Path], dict[str, Path], list[str]]:
-    """What the zip of ``bundle`` holds (relative path -> file or content), the large files kept out of it, and
-    what was left out as not shareable."""
+    """What the zip of ``bundle`` holds (relative path -> file or content), the files listed in its
+    large_files.yml that are published next to it (relative path -> file), and what was left out as not shareable.
+
+    Listed are the weights (models/model.pt, .ts, .onnx: the model zoo takes them through large_files.yml, as its
+    bundles do) and any other file above 25 MB; the weights stay in the zip too when they are within 25 MB."""
     name, version = bundle.name, read_metadata(bundle)["version"]
     files, skipped = bundle_files(bundle)
     if weights:
@@ -281,9 +269,11 @@ def zip_members(bundle: Path, weights: Path | None, release: str | None
     for source_name in LARGE_FILES_NAMES:  # entries the bundle already lists are kept, ours are added
         if source_name in files:
             large_entries += yaml.safe_load(files.pop(source_name).read_text()).get("large_files", [])
-    large = {rel: path for rel, path in files.items() if path.stat().st_size > MAX_FILE_BYTES}
-    for rel, path in large.items():
-        del files[rel]
+    listed = {rel: path for rel, path in files.items()
+              if path.stat().st_size > MAX_FILE_BYTES or rel in {f"models/{m}" for m in MODEL_FILES}}
+    for rel, path in listed.items():
+        if path.stat().st_size > MAX_FILE_BYTES:
+            del files[rel]
         asset = asset_name(name, version, rel)
         large_entries = [e for e in large_entries if e.get("path") != rel]
         large_entries.append({"path": rel, "url": release_asset_url(release, asset) if release else "",
@@ -291,7 +281,7 @@ def zip_members(bundle: Path, weights: Path | None, release: str | None
     members: dict[str, bytes | Path] = dict(files)
     if large_entries:
         members["large_files.yml"] = large_files_yaml(large_entries, name, version)
-    return members, large, skipped
+    return members, listed, skipped
 
 
 def package_bundle(bundle: Path, out: Path, weights: Path | None = None, release: str | None = None) -> Path:
@@ -308,20 +298,24 @@ def package_bundle(bundle: Path, out: Path, weights: Path | None = None, release
         raise BundleError(f"refusing to package {bundle}:\n  " + "\n  ".join(problems) +
                           "\nFix these and run again; nothing was written.")
     name, version = bundle.name, read_metadata(bundle)["version"]
-    members, large, skipped = zip_members(bundle, weights_file, release)
+    members, listed, skipped = zip_members(bundle, weights_file, release)
     out.mkdir(parents=True, exist_ok=True)
     zip_path = out / f"{name}_v{version}.zip"
     with tempfile.TemporaryDirectory(dir=out) as tmp:  # a failed run leaves no half-written zip
         write_zip(Path(tmp) / zip_path.name, name, members)
         os.replace(Path(tmp) / zip_path.name, zip_path)
-    assets = [out / asset_name(name, version, rel) for rel in large]
-    for path, asset in zip(large.values(), assets):
+    assets = [out / asset_name(name, version, rel) for rel in listed]
+    for path, asset in zip(listed.values(), assets):
         shutil.copyfile(path, asset)
     inspect_zip(zip_path)  # what we publish must pass what we ask of others
     print(f"wrote {zip_path} ({len(members)} files, sha256 {file_digest(zip_path, 'sha256')})")
-    for rel, asset in zip(large, assets):
-        print(f"  {rel} is above 25 MB: left out, listed in large_files.yml, written as {asset}: publish it next to "
-              "the zip")
+    for rel, asset in zip(listed, assets):
+        where = "left out of the zip (above 25 MB)" if rel not in members else "in the zip"
+        print(f"  {rel}: {where}, listed in large_files.yml with its sha256, written as {asset}: publish it next to "
+              "the zip (its url in large_files.yml)")
+    if "models/model.pt" not in listed:
+        print("  no models/model.pt: the model zoo's ci/verify_bundle.py refuses a bundle without it (or without a "
+              "large_files.yml listing it); for a zoo submission package trained weights with --weights RUN_DIR")
     if skipped:
         print("  left out: " + ", ".join(skipped))
     if release:

@@ -24,3 +24,16 @@ def test_refuses_a_foreign_folder_before_any_work(study, tmp_path):
     with pytest.raises(SystemExit, match="not made by accuracy_study.py"):
         study.main(["--bundle", "selfreg_segmentation", *ARMS, *TINY, "--quick", "--out", str(out)])
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_a_registered_bundle_takes_its_arms_stages_and_labels_from_the_registry(study):
+    import method_registry
+
+    for method in method_registry.all_methods():
+        args = study.parse_args(["--bundle", method.bundle])
+        assert {arm.name: arm.overrides for arm in args.arm} == {
+            name: study.parse_overrides(text) for name, text in method.arms.items()}
+        assert args.train_configs == list(method.training.configs) and args.train_run_id == method.training.run_id
+        assert args.labeled == method.labeled
+    args = study.parse_args(["--bundle", "selfreg_segmentation", *ARMS, "--train-run-id", "run"])
+    assert [arm.name for arm in args.arm] == ["baseline", "selfreg"] and args.train_run_id == "run"

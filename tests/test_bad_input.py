@@ -28,7 +28,6 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -37,14 +36,23 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import ALL_BUNDLES, bundle_module, run_bundle, small_backbone
-from monai.bundle import ConfigWorkflow
+from helpers import (
+    ALL_BUNDLES,
+    METHODS,
+    bundle_scripts_module,
+    in_bundle,
+    method_params,
+    overrides_from_cli,
+    refusal_in_process,
+    run_bundle,
+    workflow,
+)
+from method_registry import Method, by_name
 from monai.networks import nets
 
 BUNDLE_IDS = [b.name for b in ALL_BUNDLES]
-BACKBONE_BUNDLES = [b for b in ALL_BUNDLES if b.name != "segresnet_vae_segmentation"]
-SEMSIM = "semsim_segmentation"
-RESEG = "reseg_segmentation"
+# Methods that offer a choice of backbone (--backbone).
+BACKBONE_METHODS = [m for m in METHODS if len(m.backbones) > 1]
 # The synthetic datasets' first training case (labelled in both).
 SOURCE_CASE = "synthetic_000.nii.gz"
 
@@ -220,7 +228,7 @@ def dataset_refusal(check, *args, **kwargs) -> str:
 @pytest.mark.parametrize("case", list(BROKEN_CASES))
 @pytest.mark.parametrize("bundle", ALL_BUNDLES, ids=BUNDLE_IDS)
 def test_the_dataset_check_names_the_file_and_the_problem(bundle, case, synthetic_dataset, tmp_path):
-    check = bundle_module(bundle, "dataset_check")
+    check = bundle_scripts_module(bundle, "dataset_check")
     broken = BROKEN_CASES[case](tmp_path, *source_arrays(synthetic_dataset))
     message = dataset_refusal(check, [broken.entry], [good_case(synthetic_dataset)], num_classes=3,
                               datalist="my/dataset.json")
@@ -230,7 +238,7 @@ def test_the_dataset_check_names_the_file_and_the_problem(bundle, case, syntheti
 
 @pytest.mark.parametrize("bundle", ALL_BUNDLES, ids=BUNDLE_IDS)
 def test_unlabeled_images_and_held_out_cases_are_checked_too(bundle, synthetic_dataset, tmp_path):
-    check = bundle_module(bundle, "dataset_check")
+    check = bundle_scripts_module(bundle, "dataset_check")
     good = good_case(synthetic_dataset)
     flat = image_2d_for_3d_network(tmp_path, *source_arrays(synthetic_dataset))
     outside = label_outside_classes(tmp_path, *source_arrays(synthetic_dataset))
@@ -246,7 +254,7 @@ def test_unlabeled_images_and_held_out_cases_are_checked_too(bundle, synthetic_d
 
 @pytest.mark.parametrize("bundle", ALL_BUNDLES, ids=BUNDLE_IDS)
 def test_more_processes_than_cases(bundle, synthetic_dataset):
-    check = bundle_module(bundle, "dataset_check")
+    check = bundle_scripts_module(bundle, "dataset_check")
     good = good_case(synthetic_dataset)
     message = dataset_refusal(check, [good], [good, good], num_classes=3, world_size=2)
     assert "the dataset has 1 training case(s), fewer than the 2 training processes" in message
@@ -256,7 +264,7 @@ def test_more_processes_than_cases(bundle, synthetic_dataset):
 @pytest.mark.parametrize("bundle", ALL_BUNDLES, ids=BUNDLE_IDS)
 def test_awkward_but_valid_cases_pass(bundle, synthetic_dataset, tmp_path):
     """Whole-number float labels, an all-background label and a volume smaller than any crop are legal."""
-    check = bundle_module(bundle, "dataset_check")
+    check = bundle_scripts_module(bundle, "dataset_check")
     image, label, affine = source_arrays(synthetic_dataset)
     pairs = (_pair(tmp_path, "float_label", image, label.astype(np.float32), affine),
              _pair(tmp_path, "background", image, np.zeros_like(label), affine),
@@ -267,7 +275,7 @@ def test_awkward_but_valid_cases_pass(bundle, synthetic_dataset, tmp_path):
 
 
 def test_a_long_list_of_problems_is_cut(synthetic_dataset, tmp_path):
-    check = bundle_module(ALL_BUNDLES[0], "dataset_check")
+    check = bundle_scripts_module(ALL_BUNDLES[0], "dataset_check")
     missing = [{"image": str(tmp_path / f"gone{i}.nii.gz"), "label": str(tmp_path / f"gone{i}_label.nii.gz")}
                for i in range(40)]
     message = dataset_refusal(check, missing, [good_case(synthetic_dataset)], num_classes=3)
@@ -278,20 +286,28 @@ def test_a_long_list_of_problems_is_cut(synthetic_dataset, tmp_path):
 # The backbone checks, called directly
 
 
-@pytest.mark.parametrize("bundle", BACKBONE_BUNDLES, ids=[b.name for b in BACKBONE_BUNDLES])
-def test_unknown_backbone_lists_the_known_ones(bundle):
-    backbones = bundle_module(bundle, "backbones")
+@pytest.mark.parametrize("method", method_params(BACKBONE_METHODS))
+def test_unknown_backbone_lists_the_known_ones(method: Method):
+    bundle = method.bundle_dir
+    backbones = bundle_scripts_module(bundle, "backbones")
     with pytest.raises(ValueError, match="unknown backbone 'unetr': set --backbone to one of segresnet, unet, swin"):
         backbones.select_backbone({}, "unetr")
-    # what the refusal lists is what the configs define
+    # what the refusal lists is what the configs define, and what the registry offers
+    assert method.backbones == backbones.BACKBONES
     for config_file in ("train.json", "inference.json"):
         config = json.loads((bundle / "configs" / config_file).read_text())
         assert tuple(config["backbones"]) == backbones.BACKBONES
         assert tuple(config.get("reconstruction_backbones", backbones.BACKBONES)) == backbones.BACKBONES
 
 
+def other_network() -> torch.nn.Module:
+    """A small UNet, whose checkpoint the tests put where the bundles look for a SegResNet's."""
+    return nets.UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(8, 16, 32, 64), strides=(2, 2, 2),
+                     num_res_units=2, norm="instance")
+
+
 def test_checkpoint_of_another_size_names_the_keys(tmp_path):
-    backbones = bundle_module(ALL_BUNDLES[0], "backbones")
+    backbones = bundle_scripts_module(ALL_BUNDLES[0], "backbones")
     wider = tmp_path / "wider.pt"
     torch.save({"model": nets.SegResNet(init_filters=16, out_channels=3).state_dict()}, wider)
     with pytest.raises(ValueError) as err:
@@ -309,49 +325,27 @@ def test_checkpoint_of_another_size_names_the_keys(tmp_path):
 # The configs' refusals, in-process through MONAI's ConfigWorkflow
 
 
-def small_overrides(bundle: Path) -> dict:
-    """The tiny network and data settings of the CLI tests, as ConfigWorkflow overrides. ReSeg trains its baseline
-    (no stage-1 teacher to provide); its teacher checkpoint has a test of its own."""
-    overrides = {"roi_size": [32, 32, 32], "spacing": [1.5, 1.5, 1.5], "num_workers": 0}
-    if bundle in BACKBONE_BUNDLES:
-        overrides["backbones#segresnet#init_filters"] = 8
-    if bundle.name == RESEG:
-        overrides["reseg_weight"] = 0
+def small_overrides(method: Method) -> dict:
+    """The tiny network and data settings of the CLI tests, as ConfigWorkflow overrides. A method with a
+    prerequisite stage (ReSeg's teacher) trains its zero-weight baseline, which needs none; the prerequisite's
+    checkpoint has a test of its own."""
+    overrides = {"roi_size": [32, 32, 32], "spacing": [1.5, 1.5, 1.5], "num_workers": 0,
+                 "backbones#segresnet#init_filters": 8}
+    if method.stage1 is not None:
+        overrides.update(overrides_from_cli(method.zero_weights()))
     return overrides
 
 
-def small_cli_args(bundle: Path) -> list[str]:
-    return [arg for key, value in small_overrides(bundle).items()
+def small_cli_args(method: Method) -> list[str]:
+    return [arg for key, value in small_overrides(method).items()
             for arg in (f"--{key}", json.dumps(value).replace(" ", ""))]
 
 
-def refusal_in_process(bundle: Path, configs: list[str], run_id: str, never_built: str, **overrides) -> str:
-    """Run the bundle's workflow in this process as ``monai.bundle run`` does; return the text of the refusal and
-    of its causes. ``never_built``: the config id (trainer, evaluator) that must not have been built."""
-    workflow = ConfigWorkflow(config_file=[str(bundle / "configs" / c) for c in configs],
-                              meta_file=str(bundle / "configs/metadata.json"), workflow_type=None, run_id=run_id,
-                              **overrides)
-    with pytest.raises(Exception) as err:
-        workflow.initialize()
-        workflow.run()
-    assert never_built not in workflow.parser.ref_resolver.resolved_content, f"{never_built} was built"
-    messages, error = [], err.value
-    while error is not None:
-        messages.append(str(error))
-        error = error.__cause__
-    return "\n".join(messages)
-
-
-@pytest.fixture
-def in_bundle(bundle_on_path, monkeypatch):
-    """Import the bundle's ``scripts`` as ``monai.bundle run`` does, and undo the path ConfigWorkflow.run adds."""
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    return bundle_on_path
-
-
-def refuse_training(bundle: Path, dataset_dir: Path, root: Path, **overrides) -> str:
-    return refusal_in_process(bundle, ["train.json"], "training", "train#trainer", bundle_root=str(root),
-                              dataset_dir=str(dataset_dir), **{**small_overrides(bundle), **overrides})
+def refuse_training(method: Method, dataset_dir: Path, root: Path, **overrides) -> str:
+    with in_bundle(method.bundle_dir):
+        return refusal_in_process(method.bundle_dir, ["train.json"], "training", "train#trainer",
+                                  bundle_root=str(root), dataset_dir=str(dataset_dir),
+                                  **{**small_overrides(method), **overrides})
 
 
 def write_datalist(folder: Path, content: str | dict) -> Path:
@@ -368,17 +362,15 @@ def datalist_without(dataset: Path, key: str, out: Path) -> Path:
 
 
 @pytest.mark.parametrize("problem", ["missing_folder", "empty_folder", "invalid_json", "no_training", "no_labels"])
-@pytest.mark.parametrize("bundle", ALL_BUNDLES, ids=BUNDLE_IDS)
-def test_dataset_folder_and_datalist_refusals(bundle, problem, synthetic_dataset, semi_dataset, tmp_path, in_bundle):
-    in_bundle(bundle)
-    dataset = semi_dataset if bundle.name == SEMSIM else synthetic_dataset
+@pytest.mark.parametrize("method", method_params())
+def test_dataset_folder_and_datalist_refusals(method, problem, dataset_for, tmp_path):
     folder = tmp_path / "data"
     if problem == "empty_folder":
         folder.mkdir()
     if problem == "invalid_json":
         write_datalist(folder, '{"training": [')
     if problem in ("no_training", "no_labels"):
-        datalist_without(dataset, {"no_training": "training", "no_labels": "labels"}[problem], folder)
+        datalist_without(dataset_for(method), {"no_training": "training", "no_labels": "labels"}[problem], folder)
     expected = {
         "missing_folder": [f"datalist {folder}/dataset.json does not exist: pass --dataset_dir"],
         "empty_folder": [f"datalist {folder}/dataset.json does not exist: pass --dataset_dir"],
@@ -386,91 +378,92 @@ def test_dataset_folder_and_datalist_refusals(bundle, problem, synthetic_dataset
         "no_training": [f"datalist {folder}/dataset.json has no", "'training'"],
         "no_labels": [f"datalist {folder}/dataset.json has no 'labels' mapping", "--class_names"],
     }[problem]
-    message = refuse_training(bundle, folder, tmp_path / "run")
+    message = refuse_training(method, folder, tmp_path / "run")
     assert all(fragment in message for fragment in expected), message
 
 
-@pytest.mark.parametrize("bundle", BACKBONE_BUNDLES, ids=[b.name for b in BACKBONE_BUNDLES])
-def test_unknown_backbone_and_indivisible_window_are_refused(bundle, synthetic_dataset, semi_dataset, tmp_path,
-                                                             in_bundle):
-    in_bundle(bundle)
-    dataset = semi_dataset if bundle.name == SEMSIM else synthetic_dataset
-    message = refuse_training(bundle, dataset, tmp_path / "a", backbone="unetr")
+@pytest.mark.parametrize("method", method_params(BACKBONE_METHODS))
+def test_unknown_backbone_and_indivisible_window_are_refused(method, dataset_for, synthetic_dataset, tmp_path):
+    dataset = dataset_for(method)
+    message = refuse_training(method, dataset, tmp_path / "a", backbone="unetr")
     assert "unknown backbone 'unetr': set --backbone to one of segresnet, unet, swinunetr" in message
-    message = refuse_training(bundle, dataset, tmp_path / "a", backbone="swinunetr", roi_size=[48, 48, 48])
+    message = refuse_training(method, dataset, tmp_path / "a", backbone="swinunetr", roi_size=[48, 48, 48])
     assert "roi_size [48, 48, 48] does not suit SwinUNETR: every size must be divisible by 32" in message
-    message = refusal_in_process(bundle, ["inference.json"], "run", "evaluator", bundle_root=str(tmp_path / "b"),
-                                 dataset_dir=str(synthetic_dataset), output_dir=str(tmp_path / "out"),
-                                 backbone="swinunetr", roi_size=[48, 48, 48])
+    with in_bundle(method.bundle_dir):
+        message = refusal_in_process(method.bundle_dir, ["inference.json"], "run", "evaluator",
+                                     bundle_root=str(tmp_path / "b"), dataset_dir=str(synthetic_dataset),
+                                     output_dir=str(tmp_path / "out"), backbone="swinunetr", roi_size=[48, 48, 48])
     assert "roi_size [48, 48, 48] does not suit SwinUNETR: every size must be divisible by 32" in message
 
 
-def test_segresnet_vae_crop_must_be_its_fixed_size(synthetic_dataset, tmp_path, in_bundle):
-    bundle = in_bundle(ALL_BUNDLES[BUNDLE_IDS.index("segresnet_vae_segmentation")])
-    message = refuse_training(bundle, synthetic_dataset, tmp_path / "a", roi_size=[40, 40, 40])
+def test_segresnet_vae_crop_must_be_its_fixed_size(synthetic_dataset, tmp_path):
+    method = by_name("segresnet_vae")
+    message = refuse_training(method, synthetic_dataset, tmp_path / "a", roi_size=[40, 40, 40])
     assert "SegResNetVAE input_image_size [40, 40, 40] must be divisible by 16" in message
-    message = refuse_training(bundle, synthetic_dataset, tmp_path / "b", **{"network_def#input_image_size": [64] * 3})
+    message = refuse_training(method, synthetic_dataset, tmp_path / "b", **{"network_def#input_image_size": [64] * 3})
     assert "training crop [32, 32, 32] (RandCropByPosNegLabeld) differs from SegResNetVAE input_image_size" in message
 
 
 def save_other_network(root: Path) -> Path:
-    """A checkpoint of the small UNet where the bundles look for a SegResNet's."""
+    """A checkpoint of another network (a small UNet) where the bundles look for a SegResNet's."""
     (root / "models").mkdir(parents=True)
-    torch.save(small_backbone("unet").state_dict(), root / "models/model.pt")
+    torch.save(other_network().state_dict(), root / "models/model.pt")
     return root / "models/model.pt"
 
 
-def refuse_inference(bundle: Path, root: Path, dataset: Path, **overrides) -> str:
-    return refusal_in_process(bundle, ["inference.json"], "run", "evaluator", bundle_root=str(root),
-                              dataset_dir=str(dataset), **{**small_overrides(bundle), **overrides})
+def refuse_inference(method: Method, root: Path, dataset: Path, **overrides) -> str:
+    with in_bundle(method.bundle_dir):
+        return refusal_in_process(method.bundle_dir, ["inference.json"], "run", "evaluator", bundle_root=str(root),
+                                  dataset_dir=str(dataset), **{**small_overrides(method), **overrides})
 
 
-def refuse_evaluation(bundle: Path, root: Path, dataset: Path, **overrides) -> str:
-    return refusal_in_process(bundle, ["train.json", "evaluate.json"], "run", "validate#evaluator",
-                              bundle_root=str(root), dataset_dir=str(dataset),
-                              **{**small_overrides(bundle), **overrides})
+def refuse_evaluation(method: Method, root: Path, dataset: Path, **overrides) -> str:
+    with in_bundle(method.bundle_dir):
+        return refusal_in_process(method.bundle_dir, ["train.json", "evaluate.json"], "run", "validate#evaluator",
+                                  bundle_root=str(root), dataset_dir=str(dataset),
+                                  **{**small_overrides(method), **overrides})
 
 
-def test_reseg_teacher_of_another_network_is_refused(synthetic_dataset, tmp_path, in_bundle):
-    bundle = in_bundle(ALL_BUNDLES[BUNDLE_IDS.index(RESEG)])
-    teacher = save_other_network(tmp_path / "run").rename(tmp_path / "run/models/reconstruction.pt")
-    message = refuse_training(bundle, synthetic_dataset, tmp_path / "run", reseg_weight=0.035)
+@pytest.mark.parametrize("method", method_params([m for m in METHODS if m.stage1 is not None]))
+def test_prerequisite_stage_checkpoint_of_another_network_is_refused(method, synthetic_dataset, tmp_path):
+    """ReSeg's stage-2 teacher (the registry's stage 1 writes it) saved from another network."""
+    teacher = save_other_network(tmp_path / "run").rename(tmp_path / "run" / method.stage1.writes)
+    message = refuse_training(method, synthetic_dataset, tmp_path / "run",
+                              **dict.fromkeys(method.weights, 0.035))
     assert f"checkpoint {teacher} does not fit this SegResNet: it was saved from another network" in message
 
 
-@pytest.mark.parametrize("bundle", ALL_BUNDLES, ids=BUNDLE_IDS)
-def test_inference_refusals(bundle, synthetic_dataset, tmp_path, in_bundle):
-    in_bundle(bundle)
+@pytest.mark.parametrize("method", method_params())
+def test_inference_refusals(method, synthetic_dataset, tmp_path):
     root = tmp_path / "run"
     checkpoint = save_other_network(root)
     output = str(tmp_path / "out")
-    message = refuse_inference(bundle, root, synthetic_dataset, output_dir=str(synthetic_dataset / "imagesTs"))
+    message = refuse_inference(method, root, synthetic_dataset, output_dir=str(synthetic_dataset / "imagesTs"))
     assert f"output_dir {synthetic_dataset / 'imagesTs'} is an input folder" in message
-    message = refuse_inference(bundle, root, synthetic_dataset, output_dir=output)
+    message = refuse_inference(method, root, synthetic_dataset, output_dir=output)
     assert f"checkpoint {checkpoint} does not fit this SegResNet: it was saved from another network" in message
     assert "83 missing keys: convInit.conv.weight, conv_final.0.bias" in message and "and 78 more" in message
     assert "49 unexpected keys: model.0.conv.unit0.adn.A.weight" in message
-    message = refuse_inference(bundle, tmp_path / "untrained", synthetic_dataset, output_dir=output)
+    message = refuse_inference(method, tmp_path / "untrained", synthetic_dataset, output_dir=output)
     assert f"checkpoint {tmp_path / 'untrained/models/model.pt'} does not exist: train the bundle first" in message
     images = tmp_path / "data" / "imagesTs"
     images.mkdir(parents=True)
     blank = constant_image(images, *source_arrays(synthetic_dataset))
-    message = refuse_inference(bundle, root, tmp_path / "data", output_dir=output)
+    message = refuse_inference(method, root, tmp_path / "data", output_dir=output)
     assert "the images to segment cannot be used" in message and blank.expected in message
     empty = tmp_path / "empty"
     (empty / "imagesTs").mkdir(parents=True)
-    assert "no input images found" in refuse_inference(bundle, root, empty, output_dir=output)
+    assert "no input images found" in refuse_inference(method, root, empty, output_dir=output)
 
 
-@pytest.mark.parametrize("bundle", ALL_BUNDLES, ids=BUNDLE_IDS)
-def test_evaluation_refusals(bundle, synthetic_dataset, semi_dataset, tmp_path, in_bundle):
-    in_bundle(bundle)
-    dataset = semi_dataset if bundle.name == SEMSIM else synthetic_dataset
+@pytest.mark.parametrize("method", method_params())
+def test_evaluation_refusals(method, dataset_for, tmp_path):
+    dataset = dataset_for(method)
     root = tmp_path / "run"
     checkpoint = save_other_network(root)
-    message = refuse_evaluation(bundle, root, dataset)
+    message = refuse_evaluation(method, root, dataset)
     assert f"checkpoint {checkpoint} does not fit this SegResNet" in message
-    message = refuse_evaluation(bundle, tmp_path / "untrained", dataset)
+    message = refuse_evaluation(method, tmp_path / "untrained", dataset)
     assert f"checkpoint {tmp_path / 'untrained/models/model.pt'} does not exist" in message
     broken_dataset = tmp_path / "broken"
     shutil.copytree(dataset, broken_dataset)
@@ -478,26 +471,25 @@ def test_evaluation_refusals(bundle, synthetic_dataset, semi_dataset, tmp_path, 
     fractional = fractional_label(broken_dataset, *source_arrays(dataset))
     content["validation"][0] = fractional.entry
     write_datalist(broken_dataset, content)
-    message = refuse_evaluation(bundle, root, broken_dataset)
+    message = refuse_evaluation(method, root, broken_dataset)
     assert "the cases to evaluate from" in message and fractional.expected in message
 
 
-@pytest.mark.parametrize("bundle", ALL_BUNDLES, ids=BUNDLE_IDS)
-def test_volume_smaller_than_the_crop_is_padded(bundle, synthetic_dataset, tmp_path, in_bundle):
-    """The decision that makes "smaller than the crop" legal: the real train transforms pad it to the crop."""
-    in_bundle(bundle)
+@pytest.mark.parametrize("method", method_params())
+def test_volume_smaller_than_the_crop_is_padded(method, synthetic_dataset, tmp_path):
+    """The decision that makes "smaller than the crop" legal: the real train transforms pad it to the crop, for
+    labelled images and, where the method trains on unlabeled images, for those."""
     image, label, affine = source_arrays(synthetic_dataset)
     img, lab = _pair(tmp_path, "small", image[4:16, 4:16, 4:16], label[4:16, 4:16, 4:16], affine)
-    workflow = ConfigWorkflow(config_file=str(bundle / "configs/train.json"), workflow_type=None,
-                              meta_file=str(bundle / "configs/metadata.json"), bundle_root=str(tmp_path),
-                              dataset_dir=str(synthetic_dataset), **small_overrides(bundle))
-    workflow.initialize()
-    for sample in workflow.parser.get_parsed_content("train#preprocessing")({"image": img, "label": lab}):
-        assert sample["image"].shape[1:] == sample["label"].shape[1:] == (32, 32, 32)
-    if bundle.name == SEMSIM:
-        unlabeled = workflow.parser.get_parsed_content("train#unlabeled_dataset#transform")({"image": img})
-        assert all(view.shape[1:] == (32, 32, 32) for sample in unlabeled for key, view in sample.items()
-                   if key.startswith("unlabeled_"))
+    with in_bundle(method.bundle_dir):
+        flow = workflow(method.bundle_dir, ["train.json"], None, bundle_root=str(tmp_path),
+                        dataset_dir=str(synthetic_dataset), **small_overrides(method))
+        for sample in flow.parser.get_parsed_content("train#preprocessing")({"image": img, "label": lab}):
+            assert sample["image"].shape[1:] == sample["label"].shape[1:] == (32, 32, 32)
+        if method.needs_unlabeled:
+            unlabeled = flow.parser.get_parsed_content("train#unlabeled_dataset#transform")({"image": img})
+            assert all(view.shape[1:] == (32, 32, 32) for sample in unlabeled for key, view in sample.items()
+                       if key.startswith("unlabeled_"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -506,8 +498,8 @@ def test_volume_smaller_than_the_crop_is_padded(bundle, synthetic_dataset, tmp_p
 
 def dataset_with_every_broken_case(dataset: Path, out: Path, semi: bool) -> tuple[Path, list[str]]:
     """A copy of ``dataset`` whose training list also holds every broken case (in a folder of its own); the
-    expected fragments. SemSim reads a training entry without a label as an unlabelled image, so there a truncated
-    unlabelled image replaces the entry without a label."""
+    expected fragments. A method that trains on unlabeled images (``semi``: SemSim) reads a training entry without
+    a label as an unlabelled image, so there a truncated unlabelled image replaces the entry without a label."""
     shutil.copytree(dataset, out)
     broken_dir = out / "broken"
     broken_dir.mkdir()
@@ -530,14 +522,13 @@ def dataset_with_every_broken_case(dataset: Path, out: Path, semi: bool) -> tupl
     return out, expected
 
 
-@pytest.mark.parametrize("bundle", ALL_BUNDLES, ids=BUNDLE_IDS)
-def test_cli_training_lists_every_broken_case_before_training(bundle, synthetic_dataset, semi_dataset, tmp_path):
-    semi = bundle.name == SEMSIM
-    dataset, expected = dataset_with_every_broken_case(semi_dataset if semi else synthetic_dataset,
-                                                       tmp_path / "data", semi)
-    proc = run_bundle(bundle, ["configs/train.json"], "--bundle_root", str(tmp_path / "run"), "--dataset_dir",
-                      str(dataset), "--max_epochs", "1", "--progress_bar", "False", *small_cli_args(bundle),
-                      run_id="training", check=False)
+@pytest.mark.parametrize("method", method_params())
+def test_cli_training_lists_every_broken_case_before_training(method, dataset_for, tmp_path):
+    dataset, expected = dataset_with_every_broken_case(dataset_for(method), tmp_path / "data",
+                                                       method.needs_unlabeled)
+    proc = run_bundle(method.bundle_dir, ["configs/train.json"], "--bundle_root", str(tmp_path / "run"),
+                      "--dataset_dir", str(dataset), "--max_epochs", "1", "--progress_bar", "False",
+                      *small_cli_args(method), run_id="training", check=False)
     assert proc.returncode != 0
     assert f"the dataset of {dataset}/dataset.json cannot be used for training" in proc.stderr
     missing = [fragment for fragment in expected if fragment not in proc.stderr]
@@ -546,11 +537,11 @@ def test_cli_training_lists_every_broken_case_before_training(bundle, synthetic_
 
 
 def test_cli_inference_refuses_a_checkpoint_of_another_network(synthetic_dataset, tmp_path):
-    bundle = ALL_BUNDLES[BUNDLE_IDS.index("selfreg_segmentation")]
+    method = by_name("selfreg")
     checkpoint = save_other_network(tmp_path / "run")
-    proc = run_bundle(bundle, ["configs/inference.json"], "--bundle_root", str(tmp_path / "run"), "--dataset_dir",
-                      str(synthetic_dataset), "--output_dir", str(tmp_path / "out"), *small_cli_args(bundle),
-                      check=False)
+    proc = run_bundle(method.bundle_dir, ["configs/inference.json"], "--bundle_root", str(tmp_path / "run"),
+                      "--dataset_dir", str(synthetic_dataset), "--output_dir", str(tmp_path / "out"),
+                      *small_cli_args(method), check=False)
     assert proc.returncode != 0
     assert f"checkpoint {checkpoint} does not fit this SegResNet: it was saved from another network" in proc.stderr
     assert not (tmp_path / "out").exists()

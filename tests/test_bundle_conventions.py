@@ -14,13 +14,15 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from conftest import (
+from helpers import (
     ALL_BUNDLES,
     SCHEMA,
     SCHEMA_MD5,
     assert_export_matches_eager,
     bundle_input_window,
     export_bundle_network,
+    in_bundle,
+    method_params,
 )
 from monai.bundle import ConfigWorkflow, create_workflow, verify_metadata, verify_net_in_out
 from monai.data import load_net_with_metadata
@@ -60,32 +62,33 @@ def test_model_zoo_version_and_changelog(bundle: Path):
     assert max(versions, key=lambda v: tuple(int(n) for n in v.split("."))) == meta["version"]
 
 
-@pytest.mark.parametrize("bundle", ALL_BUNDLES, ids=BUNDLE_IDS)
-def test_configs_parse_and_instantiate(bundle: Path, synthetic_dataset, semi_dataset, tmp_path, bundle_on_path):
-    bundle_on_path(bundle)
-    # SemSim refuses to build its semi-supervised trainer without unlabeled images
-    dataset = semi_dataset if bundle.name == "semsim_segmentation" else synthetic_dataset
+@pytest.mark.parametrize("method", method_params())
+def test_configs_parse_and_instantiate(method, dataset_for, tmp_path):
+    bundle = method.bundle_dir
+    # a method that trains on unlabeled images (SemSim) refuses to build its trainer without them
+    dataset = dataset_for(method)
     for config_file, workflow_type, ids in (
         ("train.json", "train", ["network", "loss", "train#trainer", "validate#evaluator"]),
         ("inference.json", "infer", ["network", "evaluator"]),
     ):
-        workflow = ConfigWorkflow(config_file=str(bundle / "configs" / config_file),
-                                  meta_file=str(bundle / "configs/metadata.json"), workflow_type=workflow_type,
-                                  bundle_root=str(tmp_path), dataset_dir=str(dataset),
-                                  roi_size=[32, 32, 32], num_workers=0)
-        workflow.initialize()
-        assert workflow.check_properties() == []
-        for id_ in ids:
-            assert workflow.parser.get_parsed_content(id_) is not None, id_
+        with in_bundle(bundle):
+            workflow = ConfigWorkflow(config_file=str(bundle / "configs" / config_file),
+                                      meta_file=str(bundle / "configs/metadata.json"), workflow_type=workflow_type,
+                                      logging_file=False, bundle_root=str(tmp_path), dataset_dir=str(dataset),
+                                      roi_size=[32, 32, 32], num_workers=0)
+            workflow.initialize()
+            assert workflow.check_properties() == []
+            for id_ in ids:
+                assert workflow.parser.get_parsed_content(id_) is not None, id_
 
 
 @pytest.mark.parametrize("bundle", ALL_BUNDLES, ids=BUNDLE_IDS)
-def test_verify_net_in_out(bundle: Path, bundle_on_path):
+def test_verify_net_in_out(bundle: Path):
     """Model-zoo check (f), called as ci/verify_bundle.py calls it (in process, as ``python -m monai.bundle
     verify_net_in_out`` runs it), at n = 2: a 64^3 input, the smallest every backbone takes. Raises on a mismatch."""
-    bundle_on_path(bundle)
-    verify_net_in_out(net_id="network_def", meta_file=str(bundle / "configs/metadata.json"),
-                      config_file=str(bundle / "configs/inference.json"), bundle_root=str(bundle), n=2)
+    with in_bundle(bundle):
+        verify_net_in_out(net_id="network_def", meta_file=str(bundle / "configs/metadata.json"),
+                          config_file=str(bundle / "configs/inference.json"), bundle_root=str(bundle), n=2)
 
 
 @pytest.mark.parametrize("bundle", ALL_BUNDLES, ids=BUNDLE_IDS)
@@ -126,15 +129,15 @@ def test_bundle_code_imports_only_declared_packages(bundle: Path):
 
 
 @pytest.mark.parametrize("bundle", ALL_BUNDLES, ids=BUNDLE_IDS)
-def test_model_zoo_inference_properties(bundle: Path, bundle_on_path):
+def test_model_zoo_inference_properties(bundle: Path):
     """Model-zoo check (e) as ci/verify_bundle.py runs it: ``create_workflow`` on inference.json with the bundle's
     own settings has every required Meta and Infer property, and the ones MONAI Label reads hold the metadata's."""
-    bundle_on_path(bundle)
     meta = json.loads((bundle / "configs/metadata.json").read_text())
-    workflow = create_workflow(workflow_type="inference", config_file=str(bundle / "configs/inference.json"),
-                               meta_file=str(bundle / "configs/metadata.json"),
-                               logging_file=str(bundle / "configs/logging.conf"), bundle_root=str(bundle))
-    assert workflow.check_properties() == []
+    with in_bundle(bundle):
+        workflow = create_workflow(workflow_type="inference", config_file=str(bundle / "configs/inference.json"),
+                                   meta_file=str(bundle / "configs/metadata.json"),
+                                   logging_file=str(bundle / "configs/logging.conf"), bundle_root=str(bundle))
+        assert workflow.check_properties() == []
     network_format = meta["network_data_format"]
     assert workflow.version == meta["version"]
     assert workflow.spatial_shape == network_format["inputs"]["image"]["spatial_shape"]
@@ -142,15 +145,16 @@ def test_model_zoo_inference_properties(bundle: Path, bundle_on_path):
 
 
 @pytest.mark.parametrize("bundle", ALL_BUNDLES, ids=BUNDLE_IDS)
-def test_model_zoo_torchscript_export(bundle: Path, real_volume, tmp_path, bundle_on_path):
+def test_model_zoo_torchscript_export(bundle: Path, real_volume, tmp_path):
     """Model-zoo check (g): ``ckpt_export`` of inference.json's ``network_def`` from a checkpoint, as
     ci/verify_bundle.py runs it, then ``torch.jit.load``. Beyond the zoo: the TorchScript model carries the bundle's
     metadata and inference config, and matches eager output on a real MRI window of the sliding-window size."""
-    bundle_on_path(bundle)
     inference = json.loads((bundle / "configs/inference.json").read_text())
     window = inference["roi_size"]
-    eager, exported = export_bundle_network(bundle, "torchscript", tmp_path, [1, 1, *window], {})
+    with in_bundle(bundle):
+        eager, exported = export_bundle_network(bundle, "torchscript", tmp_path, [1, 1, *window], {})
+        x = bundle_input_window(bundle, real_volume, window)
     _, meta, extra = load_net_with_metadata(str(exported), more_extra_files=("inference.json",))
     assert meta["version"] == json.loads((bundle / "configs/metadata.json").read_text())["version"]
     assert json.loads(extra["inference.json"]) == inference
-    assert_export_matches_eager(eager, exported, bundle_input_window(bundle, real_volume, window))
+    assert_export_matches_eager(eager, exported, x)

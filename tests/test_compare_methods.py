@@ -45,7 +45,11 @@ def test_smoke_comparison_writes_the_report_and_resumes(compare, tmp_path, capsy
     summary = json.loads((results / "summary.json").read_text())
     cost = summary["costs"]["selfreg"]
     assert cost["step_ratio"] > 0 and cost["memory_ratio"] > 0 and cost["inference_ratio"] > 0
-    assert cost["step_target"] == 1.10 and cost["backbone"] == "segresnet"
+    selfreg = compare.method_registry.by_name("selfreg")
+    assert cost["step_target"] == selfreg.step_ratio_target and cost["backbone"] == "segresnet"
+    assert cost["against"] == selfreg.compare_against and cost["inference_max_abs_difference"] == 0
+    bench = json.loads((tmp_path / "out" / "benchmarks" / "selfreg.json").read_text())
+    assert list(bench["arms"]) == list(selfreg.arms) and bench["against"] == selfreg.compare_against
 
     report = (results / "README.md").read_text()
     assert "| SelfReg | synthetic | baseline |" in report and "| SelfReg | synthetic | selfreg |" in report
@@ -81,3 +85,21 @@ def test_readme_without_markers_is_left_alone(compare, tmp_path):
     readme.write_text("# no markers\n")
     assert compare.update_readme(readme, ["| a |"], tmp_path / "results") is False
     assert readme.read_text() == "# no markers\n"
+
+
+def test_dice_gain_is_taken_against_the_registry_arm(compare):
+    """SemSim is compared with FixMatch: its gain is semsim − fixmatch, paired by seed, though the study pairs every
+    arm with its first (supervised)."""
+    def diff(per_seed):
+        return {"dice": {"mean": {"per_seed": per_seed, "mean": sum(per_seed.values()) / len(per_seed)}}}
+
+    report = {"settings": {"arms": [{"name": "supervised"}, {"name": "fixmatch"}, {"name": "semsim"}],
+                           "tasks": ["synthetic"]},
+              "datasets": {"synthetic": {"classes": ["a", "b"]}},
+              "differences": {"synthetic": {"fixmatch": diff({"0": 0.10, "1": 0.30}),
+                                            "semsim": diff({"0": 0.15, "1": 0.30})}}}
+    assert compare.dice_gain(report, "synthetic", "semsim", "supervised") == pytest.approx(0.225)
+    assert compare.dice_gain(report, "synthetic", "semsim", "fixmatch") == pytest.approx(0.025)
+    semsim = compare.method_registry.by_name("semsim")
+    [line] = compare.target_lines({"semsim": report}, [semsim])
+    assert f"semsim − {semsim.compare_against} = +0.025" in line and f"≥ {semsim.dice_gain_target:+.3f}" in line

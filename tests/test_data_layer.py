@@ -12,7 +12,7 @@ import itk
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import BUNDLES, REPO, load_module
+from helpers import REPO, load_module
 
 data = load_module(REPO / "bundles/template/scripts/data.py")
 check = load_module(REPO / "bundles/template/scripts/dataset_check.py")

@@ -3,9 +3,9 @@
 Drawn over batch sizes, class counts, 2D and 3D shapes, label layouts (all background, one foreground voxel, a
 class absent from the batch, every class, no background at all), image content (random, constant, all zero, huge
 intensities) and logit scales (all equal, ordinary, saturating softmax): SegResNet-VAE's loss on drawn network
-outputs (latent sigma down to 0), SelfReg's and ReSeg's on the real tapped MONAI backbones, SemSim's on drawn
-outputs of its network (features may be all zero, masks may be empty or full). Each loss is a sum of non-negative
-terms, so it must also be >= 0.
+outputs (latent sigma down to 0), SelfReg's and ReSeg's on the real tapped MONAI backbones (all three as the
+template's RegularisedLoss composes them), SemSim's on drawn outputs of its network (features may be all zero, masks
+may be empty or full). Each loss is a sum of non-negative terms, so it must also be >= 0.
 
 The examples are derandomized (the same on every run) and hypothesis keeps no database, so CI is reproducible.
 SwinUNETR is left out of the tapped backbones: it needs crops of 32^3 and more, too slow for dozens of examples.
@@ -19,12 +19,15 @@ import torch
 from conftest import BUNDLES, bundle_module
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from monai.losses import DiceCELoss, DiceLoss
 from monai.networks import nets
 
 vae = bundle_module(BUNDLES / "segresnet_vae_segmentation", "vae")
 selfreg = bundle_module(BUNDLES / "selfreg_segmentation", "selfreg")
 reseg = bundle_module(BUNDLES / "reseg_segmentation", "reseg")
+reseg_losses = bundle_module(BUNDLES / "reseg_segmentation", "losses")
 semsim = bundle_module(BUNDLES / "semsim_segmentation", "semsim")
+losses = bundle_module(BUNDLES / "selfreg_segmentation", "losses")
 
 LAYOUTS = ("all_background", "one_voxel", "absent_class", "every_class", "no_background")
 IMAGES = ("random", "constant", "zero", "huge")
@@ -89,7 +92,10 @@ def test_segresnet_vae_loss(batch, num_classes, layout, seed, spatial, logit_sca
     pre_sigma = (torch.randn(batch, 8) + sigma_shift).requires_grad_()
     outputs = vae.VAEOutputs(image=make_image(image, shape, rng), reconstruction=reconstruction, mu=mu,
                              sigma=torch.nn.functional.softplus(pre_sigma))
-    loss = vae.SegResNetVAELoss()((logits, outputs), make_label(layout, shape, num_classes, rng))
+    loss_function = losses.RegularisedLoss(DiceLoss(to_onehot_y=True, softmax=True, squared_pred=True),
+                                           {"vae": vae.VAERegulariser()}, {"vae": {"l2": 0.1, "kl": 0.1}})
+    loss = loss_function((logits, outputs), make_label(layout, shape, num_classes, rng))
+    assert set(loss_function.terms) == {"seg", "vae_l2", "vae_kl", "total"}
     assert_finite_and_non_negative(loss, logits, reconstruction, mu, pre_sigma)
 
 
@@ -109,13 +115,15 @@ def test_selfreg_loss(batch, num_classes, layout, seed, backbone, size, image, c
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     network = tapped_backbone(backbone, num_classes).train()
-    loss_function = selfreg.SelfRegLoss(selfreg.SelfRegTaps(network), selfreg_weight=1.0,
-                                        channel_selection=channel_selection, seed=seed)
+    regulariser = selfreg.SelfRegRegulariser(selfreg.SelfRegTaps(network), channel_selection=channel_selection,
+                                             seed=seed)
+    loss_function = losses.RegularisedLoss(DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.4, lambda_dice=0.6),
+                                           {"selfreg": regulariser}, {"selfreg": 1.0})
     size = max(size, 16) if backbone == "unet" else size
     shape = (batch, 1, size, size, size)
     logits = network(make_image(image, shape, rng))
     loss = loss_function(logits, make_label(layout, shape, num_classes, rng))
-    assert set(loss_function.terms) == {"seg", "scr", "ifd", "total"}
+    assert set(loss_function.terms) == {"seg", "selfreg_scr", "selfreg_ifd", "total"}
     assert_finite_and_non_negative(loss)
     assert_finite_gradients(network)
 
@@ -130,13 +138,16 @@ def test_reseg_loss(batch, num_classes, layout, seed, image, feature_norm, label
     student = tapped_backbone("segresnet", num_classes).train()
     teacher = tapped_backbone("segresnet", 1, in_channels=num_classes if label_encoding == "onehot" else 1)
     pairs = reseg.default_pairs(student)
-    loss_function = reseg.ReSegLoss(reseg.pair_taps(student, pairs, "student"), teacher,
-                                    reseg.pair_taps(teacher, pairs, "teacher"), pairs, weight=1.0,
-                                    feature_norm=feature_norm, num_classes=num_classes, label_encoding=label_encoding)
+    regulariser = reseg.ReSegRegulariser(reseg.pair_taps(student, pairs, "student"), teacher,
+                                         reseg.pair_taps(teacher, pairs, "teacher"), pairs, feature_norm=feature_norm,
+                                         num_classes=num_classes, label_encoding=label_encoding)
+    seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.5, lambda_dice=0.5)
+    loss_function = reseg_losses.RegularisedLoss(seg_loss, {"reseg": regulariser}, {"reseg": 1.0})
     shape = (batch, 1, 8, 8, 8)
     logits = student(make_image(image, shape, rng))
     loss = loss_function(logits, make_label(layout, shape, num_classes, rng))
-    assert set(loss_function.terms) == {"seg", "opt", "total"}
+    assert set(loss_function.terms) == {"seg", "reseg_opt", "total"}
+    assert loss_function.terms["reseg_opt"] >= 0
     assert_finite_and_non_negative(loss)
     assert_finite_gradients(student)
 

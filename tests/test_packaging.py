@@ -14,14 +14,15 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import package_bundle
 import pytest
 import torch
 import yaml
-from conftest import ALL_BUNDLES, REPO, VAE_BUNDLE
-from monai.bundle import ConfigParser, download, download_large_files
+from conftest import ALL_BUNDLES, REPO, SCHEMA, VAE_BUNDLE
+from monai.bundle import ConfigParser, download, download_large_files, verify_metadata
 from monai.bundle.scripts import _get_git_release_url
 from monai.networks.nets import SegResNet, UNet
 
@@ -186,11 +187,148 @@ def test_weights_from_a_training_output_folder(tmp_path, capsys):
     assert not (tmp_path / "dist2").exists()
 
 
+# -------------------------------------------------------------------- the model zoo's ci/verify_bundle.py -m min
+
+# What the zoo's ci/verify_bundle.py checks in "min" mode (Project-MONAI/model-zoo, branch dev, commit dfae206),
+# re-implemented here because the zoo's CI scripts are not part of any package and nothing may be downloaded.
+ZOO_NECESSARY_FILES = ("configs/metadata.json", "LICENSE")
+ZOO_PREFERRED_FILES = ("models/model.pt", "configs/inference.json")
+
+
+def _zoo_find_bundle_file(root_dir: Path, file: str) -> str | None:
+    names = [f"{file}.{suffix}" for suffix in ("json", "yaml", "yml") if f"{file}.{suffix}" in os.listdir(root_dir)]
+    return names[-1] if names else None
+
+
+def zoo_verify_min(models_path: Path, bundle_name: str) -> None:
+    """``verify(bundle, models_path, mode="min")`` of the zoo's ci/verify_bundle.py, after its ci/prepare_schema.py:
+    raises ValueError as the zoo's CI does. Left out: the version must not be in the zoo's model_info.json yet (a
+    new bundle never is)."""
+    from monai.apps.utils import download_url
+
+    bundle_path = models_path / bundle_name
+    # prepare_schema: the schema named in the metadata goes to eval/schema.json
+    schema_url = json.loads((bundle_path / "configs/metadata.json").read_text())["schema"]
+    schema_path = models_path / schema_url.split("/")[-1]
+    download_url(url=schema_url, filepath=str(schema_path))
+    (bundle_path / "eval").mkdir(exist_ok=True)
+    shutil.copyfile(schema_path, bundle_path / "eval/schema.json")
+    # verify_bundle_directory: large files first (utils.download_large_files), then the files
+    large_file_name = _zoo_find_bundle_file(bundle_path, "large_files")
+    if large_file_name is not None:
+        parser = ConfigParser()
+        parser.read_config(str(bundle_path / large_file_name))
+        for lf_data in parser.get()["large_files"]:
+            lf_data["fuzzy"] = True
+            if "hash_val" in lf_data and lf_data.get("hash_val", "") == "":
+                lf_data.pop("hash_val")
+            if "hash_type" in lf_data and lf_data.get("hash_type", "") == "":
+                lf_data.pop("hash_type")
+            lf_data["filepath"] = os.path.join(bundle_path, lf_data.pop("path"))
+            try:
+                download_url(**lf_data)
+            except Exception as e:
+                raise ValueError(f"Download large files in {bundle_path} error.") from e
+    for file in ZOO_NECESSARY_FILES:
+        if not (bundle_path / file).exists():
+            raise ValueError(f"necessary file {file} is not existing.")
+    for file in ZOO_PREFERRED_FILES:
+        if file == "configs/inference.json":
+            if _zoo_find_bundle_file(bundle_path / "configs", "inference") is None:
+                raise ValueError("inference config file is not existing.")
+        elif not (bundle_path / file).exists():
+            raise ValueError(f"necessary file {file} is not existing.")
+    # verify_version_changes
+    metadata = json.loads((bundle_path / "configs/metadata.json").read_text())
+    for key in ("version", "changelog"):
+        if key not in metadata:
+            raise ValueError(f"'{key}' is missing in configs/metadata.json of bundle: {bundle_name}.")
+    if metadata["version"] not in metadata["changelog"]:
+        raise ValueError(f"version number: {metadata['version']} is missing in 'changelog' in configs/metadata.json")
+    # verify_metadata_format
+    verify_metadata(meta_file=str(bundle_path / "configs/metadata.json"),
+                    filepath=str(bundle_path / "eval/schema.json"))
+
+
+@pytest.fixture
+def release_server(monkeypatch) -> SimpleNamespace:
+    """Offline stand-in for the internet: monai's download_url fetches only the urls in ``served`` (url -> local
+    file) and records them in ``fetched``; any other url is refused like an unpublished one (ConnectionError) and
+    recorded in ``refused``. The bundles' metadata schema (the url in their metadata.json) is served from
+    tests/data."""
+    import monai.apps.utils
+
+    schema_url = json.loads((VAE_BUNDLE / "configs/metadata.json").read_text())["schema"]
+    assert schema_url.endswith(f"/{SCHEMA.name}")
+    server = SimpleNamespace(served={schema_url: SCHEMA}, fetched=[], refused=[], schema_url=schema_url)
+
+    def fake_download(url: str, filepath: Path, progress: bool = True) -> None:
+        if url not in server.served:
+            server.refused.append(url)
+            raise ConnectionError(f"{url}: not served (the test runs offline)")
+        server.fetched.append(url)
+        shutil.copyfile(server.served[url], filepath)
+
+    monkeypatch.setattr(monai.apps.utils, "_download_with_progress", fake_download)
+    return server
+
+
+def test_zoo_submission_zip_passes_verify_bundle_min(tmp_path, capsys, release_server):
+    """The documented route to the model zoo: package with trained weights. The zip holds models/model.pt and a
+    large_files.yml listing it (url of the release asset, sha256); its unzipped folder passes the zoo's
+    ``verify_bundle.py -m min`` as it stands, and so does the folder a zoo pull request holds (large_files.yml
+    without the weights, which the check then fetches from the url and hash-checks). A bundle packaged without
+    weights is refused, as the repository bundles are."""
+    run = tmp_path / "run"
+    (run / "models").mkdir(parents=True)
+    torch.manual_seed(0)  # seeded stand-in for trained weights of the vae bundle's inference network
+    torch.save(SegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=3).state_dict(),
+               run / "models/model.pt")
+    weights = (run / "models/model.pt").read_bytes()
+    dist = tmp_path / "dist"
+    assert package_bundle.main(["package", str(VAE_BUNDLE), "--out", str(dist), "--weights", str(run),
+                                "--release", "owner/repo/v1"]) == 0
+    asset = dist / VAE_ZIP.replace(".zip", "_models_model.pt")
+    assert f"models/model.pt: in the zip, listed in large_files.yml with its sha256, written as {asset}" in \
+        capsys.readouterr().out
+    assert asset.read_bytes() == weights
+    members = zip_files(dist / VAE_ZIP)
+    assert members[f"{VAE}/models/model.pt"] == weights
+    url = _get_git_release_url("owner", "repo", "v1", asset.name)
+    assert yaml.safe_load(members[f"{VAE}/large_files.yml"]) == {"large_files": [
+        {"path": "models/model.pt", "url": url, "hash_val": hashlib.sha256(weights).hexdigest(),
+         "hash_type": "sha256"}]}
+
+    as_zipped = tmp_path / "zipped" / "models"
+    with zipfile.ZipFile(dist / VAE_ZIP) as zf:
+        zf.extractall(as_zipped)
+    zoo_verify_min(as_zipped, VAE)  # the weights are there and match: nothing to fetch
+    assert release_server.fetched == [release_server.schema_url] and not release_server.refused
+
+    pull_request = tmp_path / "pull_request" / "models"
+    shutil.copytree(as_zipped / VAE, pull_request / VAE, ignore=shutil.ignore_patterns("eval", "model.pt"))
+    with pytest.raises(ValueError, match="Download large files"):  # the asset is not published yet
+        zoo_verify_min(pull_request, VAE)
+    release_server.served[url] = asset  # published
+    zoo_verify_min(pull_request, VAE)
+    assert (pull_request / VAE / "models/model.pt").read_bytes() == weights
+    assert release_server.refused == [url] and release_server.fetched[-1] == url
+
+    assert package_bundle.main(["package", str(VAE_BUNDLE), "--out", str(tmp_path / "code_only")]) == 0
+    assert "no models/model.pt: the model zoo's ci/verify_bundle.py refuses" in capsys.readouterr().out
+    code_only = tmp_path / "code_only" / "models"
+    with zipfile.ZipFile(tmp_path / "code_only" / VAE_ZIP) as zf:
+        zf.extractall(code_only)
+    with pytest.raises(ValueError, match="necessary file models/model.pt is not existing"):
+        zoo_verify_min(code_only, VAE)
+
+
 def test_large_weights_are_listed_with_their_hash_and_checked_on_install(tmp_path, capsys):
     """A bundle whose network is too big for the zoo's 25 MB limit: its weights go next to the zip, listed in
     large_files.yml; install brings them in and refuses them once they no longer match."""
     bundle = copy_bundle(VAE_BUNDLE, tmp_path / "src")
-    edit_json(bundle / "configs/inference.json", lambda config: config.update(init_filters=24))
+    edit_json(bundle / "configs/inference.json",
+              lambda config: config["backbones"]["segresnet"].update(init_filters=24))
     pretrained = b"pretrained encoder"  # a large file the bundle already lists: its entry is kept
     listed = {"path": "models/pretrained.pt", "url": "https://example.org/pretrained.pt",
               "hash_val": hashlib.sha256(pretrained).hexdigest(), "hash_type": "sha256"}

@@ -1,8 +1,14 @@
-"""The ReSeg method code: the seven pairs and the divisor reproduce the seed's L_opt, the frozen teacher neither
-changes nor receives gradient while the student's encoder does, a = 0 is the plain segmentation loss, and the
-default pairs of SegResNet, UNet and SwinUNETR have equal shapes in 3D and 2D."""
+"""The ReSeg method code: the seven pairs and the divisor reproduce the seed's L_opt, the regulariser composes with
+the segmentation loss in the template's RegularisedLoss as the seed's L = 0.5 CE + 0.5 Dice + a L_opt, the frozen
+teacher (a copy of the stage-1 network, never that network) neither changes nor receives gradient while the
+student's encoder does, a = 0 is the plain segmentation loss, the default pairs of SegResNet, UNet and SwinUNETR
+have equal shapes in 3D and 2D, and stage 1 then stage 2 train in one ConfigWorkflow whose properties were resolved
+first (the model zoo's test pattern)."""
 
 from __future__ import annotations
+
+import math
+import sys
 
 import pytest
 import torch
@@ -13,6 +19,7 @@ from monai.networks import nets
 
 RESEG_BUNDLE = BUNDLES / "reseg_segmentation"
 reseg = bundle_module(RESEG_BUNDLE, "reseg")
+losses = bundle_module(RESEG_BUNDLE, "losses")
 
 NUM_CLASSES = 3
 
@@ -73,11 +80,21 @@ def test_standardized_l_opt_ignores_feature_scale_and_is_bounded():
         reseg.feature_consistency(s, t, pairs, feature_norm="batch")
 
 
-def stage_two(teacher: torch.nn.Module, weight: float = 0.035, **kwargs):
-    student = segresnet()
+def seg_loss(ce_weight: float = 0.5, dice_weight: float = 0.5) -> DiceCELoss:
+    """The template's ``seg_loss`` with ReSeg's ``ce_weight`` and ``dice_weight`` (0.5 and 0.5, the seed's)."""
+    return DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=ce_weight, lambda_dice=dice_weight)
+
+
+def regulariser(student: torch.nn.Module, teacher: torch.nn.Module, **kwargs):
     pairs = reseg.default_pairs(student)
-    loss = reseg.ReSegLoss(reseg.pair_taps(student, pairs, "student"), teacher, reseg.pair_taps(teacher, pairs, "teacher"),
-                           pairs, weight=weight, num_classes=NUM_CLASSES, **kwargs)
+    return reseg.ReSegRegulariser(reseg.pair_taps(student, pairs, "student"), teacher,
+                                  reseg.pair_taps(teacher, pairs, "teacher"), pairs, num_classes=NUM_CLASSES, **kwargs)
+
+
+def stage_two(teacher: torch.nn.Module, weight: float = 0.035, **kwargs):
+    """The segmentation network and the loss configs/train.json builds: RegularisedLoss(seg_loss, {"reseg": ...})."""
+    student = segresnet()
+    loss = losses.RegularisedLoss(seg_loss(), {"reseg": regulariser(student, teacher, **kwargs)}, {"reseg": weight})
     return student, loss
 
 
@@ -94,10 +111,33 @@ def test_total_is_the_seed_composition_of_seg_loss_and_l_opt():
     image, label = batch()
     logits = student(image)
     total = loss(logits, label)
-    seg = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.5, lambda_dice=0.5)(logits, label)
+    seg = seg_loss()(logits, label)
+    assert set(loss.terms) == {"seg", "reseg_opt", "total"}  # logged as train_seg, train_reseg_opt, train_total
     torch.testing.assert_close(loss.terms["seg"], seg.detach())
-    torch.testing.assert_close(total, seg + 0.035 * loss.terms["opt"])
-    assert set(loss.terms) == {"seg", "opt", "total"}
+    # L_opt recomputed from the two networks' maps, as the seed does
+    pairs = reseg.default_pairs(student)
+    s_taps, t_taps = reseg.pair_taps(student, pairs, "student"), reseg.pair_taps(teacher, pairs, "teacher")
+    student(image)
+    with torch.no_grad():
+        teacher(reseg.encode_label(label, NUM_CLASSES))
+    opt = reseg.feature_consistency(s_taps.pop(), t_taps.pop(), pairs, divisor=3)
+    assert opt > 0
+    torch.testing.assert_close(loss.terms["reseg_opt"], opt.detach())
+    torch.testing.assert_close(total, seg + 0.035 * opt)
+
+
+def test_regulariser_returns_the_named_term_with_gradient_to_the_student_only():
+    teacher = segresnet(in_channels=NUM_CLASSES, out_channels=1)
+    student = segresnet()
+    term = regulariser(student, teacher)
+    image, label = batch()
+    out = term(student(image), label, None)
+    assert set(out) == {"opt"} and out["opt"].dtype == torch.float32 and out["opt"].ndim == 0
+    out["opt"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    # the gradient reaches the student's encoder through the tapped maps, and nothing after the last tapped map
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.down_layers[0].parameters())
+    assert all(p.grad is None for p in student.conv_final.parameters())
 
 
 def test_teacher_is_unchanged_by_a_step_and_gets_no_gradient_while_the_student_encoder_does():
@@ -106,10 +146,8 @@ def test_teacher_is_unchanged_by_a_step_and_gets_no_gradient_while_the_student_e
                         strides=(2, 2, 2, 2), num_res_units=1, norm="batch").train()
     student = nets.UNet(spatial_dims=3, in_channels=1, out_channels=NUM_CLASSES, channels=(4, 8, 16, 32, 64),
                         strides=(2, 2, 2, 2), num_res_units=1, norm="batch")
-    pairs = reseg.default_pairs(student)
     # CE and Dice weighted 0: every gradient the student gets comes from L_opt
-    loss = reseg.ReSegLoss(reseg.pair_taps(student, pairs, "student"), teacher, reseg.pair_taps(teacher, pairs, "teacher"),
-                           pairs, weight=0.035, ce_weight=0.0, dice_weight=0.0, num_classes=NUM_CLASSES)
+    loss = losses.RegularisedLoss(seg_loss(0.0, 0.0), {"reseg": regulariser(student, teacher)}, {"reseg": 0.035})
     loss.train()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     optimizer = torch.optim.SGD([*student.parameters(), *teacher.parameters()], lr=1.0)
@@ -126,23 +164,84 @@ def test_teacher_is_unchanged_by_a_step_and_gets_no_gradient_while_the_student_e
     assert encoder_grad is not None and encoder_grad.abs().sum() > 0
 
 
+def test_frozen_teacher_is_a_frozen_copy_that_leaves_the_stage_one_network_trainable():
+    stage_one = segresnet(in_channels=NUM_CLASSES, out_channels=1).train()
+    teacher = reseg.frozen_teacher(stage_one, "cpu")
+    assert teacher is not stage_one and not teacher.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert stage_one.training and all(p.requires_grad for p in stage_one.parameters())
+    for (name, a), b in zip(stage_one.state_dict().items(), teacher.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+        assert a.data_ptr() != b.data_ptr()  # its own storage: training stage 1 further does not move the teacher
+    # the regulariser freezes its teacher again, and that never reaches the stage-1 network either
+    regulariser(segresnet(), teacher)
+    assert all(p.requires_grad for p in stage_one.parameters())
+
+
 class ExplodingTeacher(torch.nn.Module):
     def forward(self, x):
         raise AssertionError("a = 0 must not run the teacher")
 
 
-def test_zero_weight_is_exactly_the_segmentation_loss_without_teacher_or_hooks():
-    teacher = ExplodingTeacher()
+def test_zero_weight_is_exactly_the_segmentation_loss_without_running_the_teacher():
     student = segresnet()
     pairs = reseg.default_pairs(student)
     taps = reseg.pair_taps(student, pairs, "student")
-    loss = reseg.ReSegLoss(taps, teacher, None, pairs, weight=0.0, num_classes=NUM_CLASSES)
+    term = reseg.ReSegRegulariser(taps, ExplodingTeacher(), taps, pairs, num_classes=NUM_CLASSES)
+    loss = losses.RegularisedLoss(seg_loss(), {"reseg": term}, {"reseg": 0.0})
     image, label = batch()
     logits = student(image)
-    seg = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.5, lambda_dice=0.5)(logits, label)
-    torch.testing.assert_close(loss(logits, label), seg, rtol=0, atol=0)
+    torch.testing.assert_close(loss(logits, label), seg_loss()(logits, label), rtol=0, atol=0)
     assert set(loss.terms) == {"seg", "total"}
-    assert taps.pop(strict=False) == {}  # the hooks were removed: nothing was stored
+
+
+def test_zero_weight_config_builds_no_teacher_taps_or_regulariser(synthetic_dataset, tmp_path, monkeypatch):
+    """--reseg_weight 0 in configs/train.json: the loss is the template's seg_loss alone, no hook is registered on
+    the segmentation network, no teacher is built; with a = 0.035 the teacher is not ``reconstruction_def``."""
+    from monai.bundle import ConfigParser
+
+    from bundle_env import bundle_imports
+
+    def parsed(weight: float) -> ConfigParser:
+        parser = ConfigParser()
+        parser.read_config(str(RESEG_BUNDLE / "configs/train.json"))
+        parser.update({"bundle_root": str(tmp_path), "dataset_dir": str(synthetic_dataset), "reseg_weight": weight,
+                       "backbones#segresnet#init_filters": 8})
+        parser.parse()
+        return parser
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with bundle_imports(RESEG_BUNDLE):
+        baseline = parsed(0)
+        loss = baseline.get_parsed_content("loss")
+        assert type(loss).__name__ == "RegularisedLoss" and len(loss.regularisers) == 0
+        assert isinstance(loss.seg_loss, DiceCELoss)
+        assert baseline.get_parsed_content("teacher") is None
+        network = baseline.get_parsed_content("network_def")
+        assert not any(m._forward_hooks for m in network.modules())
+
+        method = parsed(0.035)
+        loss = method.get_parsed_content("loss")
+        term = loss.regularisers["reseg"]
+        assert loss.weights == {"reseg": 0.035} and type(term).__name__ == "ReSegRegulariser"
+        assert term.teacher is method.get_parsed_content("teacher")
+        assert term.teacher is not method.get_parsed_content("reconstruction_def")
+        assert all(p.requires_grad for p in method.get_parsed_content("reconstruction_def").parameters())
+        assert any(m._forward_hooks for m in method.get_parsed_content("network_def").modules())
+
+
+def test_regulariser_refuses_bad_settings_when_built():
+    student, teacher = segresnet(), segresnet(in_channels=NUM_CLASSES, out_channels=1)
+    with pytest.raises(ValueError, match="reseg_pair_weights has 2 entries for 7 reseg_pairs"):
+        regulariser(student, teacher, pair_weights=[1.0, 1.0])
+    with pytest.raises(ValueError, match="reseg_divisor must be positive"):
+        regulariser(student, teacher, divisor=0)
+    with pytest.raises(ValueError, match="'onehot' or 'index'"):
+        regulariser(student, teacher, label_encoding="one-hot")
+    with pytest.raises(ValueError, match="reseg_feature_norm must be 'instance' or 'none'"):
+        regulariser(student, teacher, feature_norm="batch")
+    with pytest.raises(ValueError, match="set reseg_weight 0 for the baseline"):
+        reseg.ReSegRegulariser(None, teacher, None, [], num_classes=NUM_CLASSES)
 
 
 BACKBONES_3D = {
@@ -215,3 +314,49 @@ def test_label_encodings_and_stage_one_batch_and_loss():
     loss = reseg.ReconstructionLoss()
     torch.testing.assert_close(loss(pred, image), 0.6 * F.mse_loss(pred, image) + 0.4 * F.l1_loss(pred, image))
     assert set(loss.terms) == {"mse", "l1", "total"}
+
+
+def test_stage_one_trains_after_the_workflow_properties_are_resolved(synthetic_dataset, tmp_path, monkeypatch):
+    """The model zoo's own unit-test pattern on stage 1: ConfigWorkflow, initialize, check_properties (which resolves
+    the train workflow's properties, ``train#trainer`` and so the stage-2 loss and its frozen teacher among them),
+    then run. The teacher must be its own network: freezing it must leave the stage-1 network trainable. Stage 2 then
+    runs in the same workflow (as run id training_all does) with the teacher holding the saved stage-1 weights."""
+    from monai.bundle import ConfigWorkflow
+
+    from bundle_env import bundle_imports
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # ConfigWorkflow.run puts the bundle folder on sys.path
+    with bundle_imports(RESEG_BUNDLE):
+        workflow = ConfigWorkflow(
+            config_file=[str(RESEG_BUNDLE / "configs/train.json"),
+                         str(RESEG_BUNDLE / "configs/train_reconstruction.json")],
+            meta_file=str(RESEG_BUNDLE / "configs/metadata.json"),
+            logging_file=str(RESEG_BUNDLE / "configs/logging.conf"), workflow_type="train",
+            bundle_root=str(tmp_path), dataset_dir=str(synthetic_dataset), max_epochs=1, roi_size=[32, 32, 32],
+            spacing=[1.5, 1.5, 1.5], num_workers=0, progress_bar=False, **{"backbones#segresnet#init_filters": 8})
+        workflow.initialize()
+        assert workflow.check_properties() == []
+        parser = workflow.parser
+        parser.get_parsed_content("train#trainer")  # as the zoo's properties do: it builds the stage-2 loss
+        stage_one, teacher = parser.get_parsed_content("reconstruction#network"), parser.get_parsed_content("teacher")
+        before = [p.detach().clone() for p in stage_one.parameters()]
+        workflow.run()  # stage 1
+        trainer = parser.get_parsed_content("reconstruction#trainer")
+        assert trainer.state.epoch == 1 and math.isfinite(float(trainer.state.output[0]["loss"]))
+        assert any(not torch.equal(b, p) for b, p in zip(before, stage_one.parameters()))  # it trained
+        assert (tmp_path / "models/reconstruction.pt").is_file()
+        # the stage-2 teacher is another network, frozen in eval mode, that stage 1 left untouched
+        assert teacher is not stage_one and type(teacher) is type(stage_one)
+        assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+        assert all(p.requires_grad for p in stage_one.parameters())
+
+        parser.get_parsed_content("segmentation_run")  # stage 2 in the same workflow, as run id training_all does
+        loss = parser.get_parsed_content("loss")
+        assert set(loss.terms) == {"seg", "reseg_opt", "total"}
+        assert all(math.isfinite(v.item()) for v in loss.terms.values()) and loss.terms["reseg_opt"] > 0
+        assert (tmp_path / "models/model.pt").is_file()
+        saved = torch.load(tmp_path / "models/reconstruction.pt", weights_only=True)
+        saved = saved.get("model", saved)
+        for name, value in teacher.state_dict().items():  # the best stage-1 network, untouched by stage 2
+            torch.testing.assert_close(value, saved[name], rtol=0, atol=0, msg=name)
+        workflow.finalize()

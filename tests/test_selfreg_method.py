@@ -12,6 +12,7 @@ from monai.losses import DiceCELoss
 from monai.networks import nets
 
 selfreg = bundle_module(SELFREG_BUNDLE, "selfreg")
+losses = bundle_module(SELFREG_BUNDLE, "losses")
 backbones = bundle_module(SELFREG_BUNDLE, "backbones")
 
 
@@ -181,20 +182,56 @@ def test_gradients_reach_the_encoder_and_the_teacher_gets_none_from_scr():
     assert net.down_layers[3][1].conv1.conv.weight.grad.abs().sum() > 0
 
 
+def selfreg_loss(taps, weight: float, channel_selection: str = "random") -> torch.nn.Module:
+    """The loss train.json builds: DiceCE 0.4/0.6 plus SelfReg's two terms under one weight (None when it is 0, as
+    the config's ``_disabled_`` makes it)."""
+    regulariser = selfreg.SelfRegRegulariser(taps, channel_selection) if weight else None
+    return losses.RegularisedLoss(DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.4, lambda_dice=0.6),
+                                  {"selfreg": regulariser}, {"selfreg": weight})
+
+
 def test_zero_weight_is_exactly_the_segmentation_loss():
     net = small_backbone("unet").train()
     taps = selfreg.SelfRegTaps(net)
     x, y = torch.randn(2, 1, 32, 32, 32), torch.randint(0, 3, (2, 1, 32, 32, 32))
     logits = net(x)
     baseline = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.4, lambda_dice=0.6)(logits, y)
-    loss = selfreg.SelfRegLoss(taps, selfreg_weight=0.0)
+    loss = selfreg_loss(taps, 0.0)
     assert torch.equal(loss(logits, y), baseline)
     assert set(loss.terms) == {"seg", "total"}
     torch.manual_seed(0)  # the same dropout-free forward again, now with the regulariser
-    weighted = selfreg.SelfRegLoss(taps, selfreg_weight=0.015)
+    weighted = selfreg_loss(taps, 0.015)
     total = weighted(net(x), y)
+    assert set(weighted.terms) == {"seg", "selfreg_scr", "selfreg_ifd", "total"}
     torch.testing.assert_close(weighted.terms["seg"], baseline.detach())
-    torch.testing.assert_close(total, baseline + 0.015 * (weighted.terms["scr"] + weighted.terms["ifd"]))
+    torch.testing.assert_close(total, baseline + 0.015 * (weighted.terms["selfreg_scr"] + weighted.terms["selfreg_ifd"]))
+
+
+def test_regulariser_returns_the_kdloss_terms_and_checks_its_channel_selection():
+    net = small_backbone("segresnet").train()
+    taps = selfreg.SelfRegTaps(net)
+    logits = net(torch.randn(2, 1, 32, 32, 32))
+    features = dict(taps._features)
+    terms = selfreg.SelfRegRegulariser(taps, "first")(logits, None, None)
+    expected = selfreg.selfreg_terms(features, taps.layout, taps.blocks, None)
+    torch.testing.assert_close((terms["scr"], terms["ifd"]), expected)
+    with pytest.raises(ValueError, match="selfreg_channel_selection must be 'random' or 'first'"):
+        selfreg.SelfRegRegulariser(taps, "all")
+
+
+def test_bundle_loss_is_dice_ce_plus_one_weight_for_both_terms(bundle_on_path):
+    from monai.bundle import ConfigParser
+
+    bundle_on_path(SELFREG_BUNDLE)
+    parser = ConfigParser()
+    parser.read_config(str(SELFREG_BUNDLE / "configs/train.json"))
+    parser["backbones#segresnet#init_filters"] = 8
+    parser["num_classes"] = 3
+    loss = parser.get_parsed_content("loss")
+    assert isinstance(loss.seg_loss, DiceCELoss) and loss.weights == {"selfreg": 0.015}
+    assert type(loss.regularisers["selfreg"]).__name__ == "SelfRegRegulariser"  # scripts.selfreg, on the bundle path
+    parser["selfreg_weight"] = 0.0
+    assert not parser.get_parsed_content("loss", lazy=False).regularisers
 
 
 def test_custom_layout_from_config_and_wrong_names():

@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES, REPO, bundle_module, load_module
+from helpers import BUNDLES, REPO, bundle_scripts_module, in_bundle, load_module
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 from monai.engines import SupervisedTrainer
@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 data = load_module(REPO / "bundles/template/scripts/data.py")
 check = load_module(REPO / "bundles/template/scripts/dataset_check.py")
-semi_data = bundle_module(BUNDLES / "semsim_segmentation", "semi_data")
+semi_data = bundle_scripts_module(BUNDLES / "semsim_segmentation", "semi_data")
 AFFINE = np.diag([1.5, 1.5, 1.5, 1.0])
 UNLABELED_KEYS = ("unlabeled_image", "unlabeled_strong1", "unlabeled_strong2")
 
@@ -177,12 +177,18 @@ def semsim_train_config(dataset_dir: Path, bundle_root: Path, **overrides) -> Co
     return parser
 
 
-def test_train_config_without_datalist_uses_the_datastore(tmp_path, semi_dataset, bundle_on_path):
+@pytest.fixture
+def semsim_imports():
+    """SemSim's ``scripts`` package is the one imported, as ``monai.bundle run`` does in the bundle folder."""
+    with in_bundle(BUNDLES / "semsim_segmentation"):
+        yield
+
+
+def test_train_config_without_datalist_uses_the_datastore(tmp_path, semi_dataset, semsim_imports):
     """As MONAI Label runs the bundle: no datalist, the datastore's labelled items as train#dataset#data and
     validate#dataset#data. The classes are metadata.json's, the unlabelled pool is the other images in their
     folders, and an interval checkpoint is not resumed (each MONAI Label training is a new run). With a datalist
     the config is unchanged: its own split's unlabelled images, and resume."""
-    bundle_on_path(BUNDLES / "semsim_segmentation")
     root = tmp_path / "bundle"
     shutil.copytree(BUNDLES / "semsim_segmentation/configs", root / "configs")
     (root / "models").mkdir()
@@ -204,11 +210,10 @@ def test_train_config_without_datalist_uses_the_datastore(tmp_path, semi_dataset
 
 
 @pytest.mark.parametrize(("num_samples", "unlabeled", "crops_per_batch"), [(2, 1, [2]), (1, 3, [2])])
-def test_every_unlabeled_batch_has_two_crops_for_cutmix(tmp_path, bundle_on_path, num_samples, unlabeled,
+def test_every_unlabeled_batch_has_two_crops_for_cutmix(tmp_path, semsim_imports, num_samples, unlabeled,
                                                         crops_per_batch):
     """CutMix needs two unlabeled crops per batch. One unlabeled volume cut into two crops is a full batch; with
     one crop per volume a last batch of a single volume is dropped (3 volumes, batch size 2: one batch)."""
-    bundle_on_path(BUNDLES / "semsim_segmentation")
     studies = tmp_path / "studies"
     for name in ("a", "b", *(f"u{i}" for i in range(unlabeled))):
         save(studies / f"{name}.nii.gz")

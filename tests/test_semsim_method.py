@@ -1,9 +1,13 @@
-"""The SemSim method code on fixed tiny tensors: every loss term against a hand or dense computation, the paper's
-Eq. 9 inconsistency (tau unreachable without a temperature), the weights that switch terms off, where gradients
-flow, and the Spatial-aware Fusion Module's shapes, refusals and size."""
+"""The SemSim method code on fixed tiny tensors: every loss term against a hand or dense computation written
+independently of the implementation, the paper's Eq. 9 inconsistency (tau unreachable without a temperature), the
+3D repairs of issue 16 (L_intra's floor and its full-resolution mask, prototypes and Ubar per labeled volume, float32
+similarity products under autocast), the weights that switch terms off, where gradients flow, and the
+Spatial-aware Fusion Module's shapes, refusals and size. The training-step parts (CutMix boxes, channel dropout,
+the batch, the network's passes) are in test_semsim_parts.py."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -121,6 +125,150 @@ def test_grid_capping():
     x = torch.arange(16.0).view(1, 1, 4, 4)
     assert semsim.pool_to_size(x, (2, 2)).flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
     assert semsim.pool_to_size(x, (4, 4)) is x
+
+
+def block_mean(x: torch.Tensor, size) -> torch.Tensor:
+    """(B, C, *S) averaged over equal blocks down to ``size`` (each S divisible by its size), by reshaping."""
+    b, c, *spatial = x.shape
+    shape = [b, c]
+    for n, g in zip(spatial, size):
+        shape += [g, n // g]
+    return x.reshape(shape).mean(dim=tuple(range(3, 2 + 2 * len(size), 2)))
+
+
+def linear_weights(n_out: int, n_in: int) -> torch.Tensor:
+    """(n_out, n_in) weights of linear interpolation with half-pixel centres (align_corners=False), written out."""
+    w = torch.zeros(n_out, n_in)
+    for i in range(n_out):
+        src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+        k0 = min(int(math.floor(src)), n_in - 1)
+        k1, frac = min(k0 + 1, n_in - 1), src - k0
+        w[i, k0] += 1 - frac
+        w[i, k1] += frac
+    return w
+
+
+def dense_refine_2d(p: torch.Tensor, f: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(p + U(I(p) M^T)) / 2 for one 2D image with loops: p (K, H, W) on the image grid, f (D, h, w) on the
+    affinity grid; I = block mean, M = row-softmax of cosines / T, U = bilinear with half-pixel centres."""
+    k, height, width = p.shape
+    d, h, w = f.shape
+    pooled = block_mean(p[None], (h, w))[0].reshape(k, -1)
+    flat = f.reshape(d, -1)
+    n = flat.shape[1]
+    cos = torch.tensor([[F.cosine_similarity(flat[:, i], flat[:, j], dim=0).item() for j in range(n)]
+                        for i in range(n)])
+    m = torch.softmax(cos / temperature, dim=1)
+    q = torch.stack([sum(m[i, j] * pooled[:, j] for j in range(n)) for i in range(n)], dim=1).reshape(k, h, w)
+    up = torch.einsum("Yy,kyx,Xx->kYX", linear_weights(height, h), q, linear_weights(width, w))
+    return (p + up) / 2
+
+
+def batch_present_dice(p: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, smooth: float = 1e-5):
+    """Per class, sums over the batch and the masked voxels: 1 - (2 sum p t + s) / (sum p + sum t + s); the mean
+    over the classes present in the masked target; 0 if none."""
+    losses = []
+    for c in range(p.shape[1]):
+        t = (target[:, 0] == c).float() * mask[:, 0]
+        if t.sum() > 0:
+            pc = p[:, c] * mask[:, 0]
+            losses.append(1 - (2 * (pc * t).sum() + smooth) / (pc.sum() + t.sum() + smooth))
+    return torch.stack(losses).mean() if losses else torch.tensor(0.0)
+
+
+def test_present_class_dice_by_hand():
+    p0 = torch.tensor([0.8, 0.6, 0.3, 0.1])
+    probs = torch.stack([p0, 1 - p0, torch.zeros(4)]).view(1, 3, 4).repeat(2, 1, 1)  # 2 images, 3 classes
+    target = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]]).view(2, 1, 4)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]]).view(2, 1, 4)
+    s = 1e-5
+    class0 = 1 - (2 * (0.8 + 0.6 + 0.8) + s) / ((0.8 + 0.6 + 0.3 + 0.8) + 3 + s)  # both images' masked voxels
+    class1 = 1 - (2 * 0.7 + s) / ((0.2 + 0.4 + 0.7 + 0.2) + 1 + s)
+    # class 2 is absent from the masked target: left out, not counted as ~1
+    assert semsim.present_class_dice(probs, target, mask).item() == pytest.approx((class0 + class1) / 2, abs=1e-6)
+    logits = torch.randn(2, 3, 4, requires_grad=True)
+    empty = semsim.present_class_dice(torch.softmax(logits, 1), target, torch.zeros_like(mask))
+    empty.backward()
+    assert empty.item() == 0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+@pytest.mark.parametrize("confidence, tau", [("weak", 0.9), ("refined", 0.7)])
+def test_intra_term_by_a_dense_computation(confidence, tau):
+    """The whole of L_intra (Eqs. 4-6) against loops: features and p pooled to the capped affinity grid (4 tokens
+    here), the propagated term upsampled to the image grid and added to the full-resolution p, the tau mask on the
+    image grid (from p_w or from p1_w), target and mask CutMixed by the partner's on the image grid, the Dice over
+    the batch and the classes present."""
+    g = torch.Generator().manual_seed(3)
+    k = 3
+    label = torch.randint(0, k, (2, 4, 4), generator=g).repeat_interleave(2, 1).repeat_interleave(2, 2)  # 8x8
+    onehot = F.one_hot(label, k).movedim(-1, 1).float()
+    p_weak = torch.softmax(4 * onehot + torch.randn(onehot.shape, generator=g), 1)
+    logits = (2 * onehot + torch.randn(onehot.shape, generator=g)).requires_grad_()
+    f_weak, f_strong = torch.randn(2, 5, 4, 4, generator=g), torch.randn(2, 5, 4, 4, generator=g)
+    mix = torch.zeros(2, 1, 8, 8)
+    mix[0, :, 1:6, 2:5] = 1
+    partner = torch.tensor([1, 0])
+    loss = semsim.SemSimLoss(k, affinity_max_tokens=4, intra_confidence=confidence, confidence_threshold=tau)
+    value = loss.intra_term(p_weak, torch.softmax(logits, 1), f_weak, f_strong, mix, partner)
+    p_strong = torch.softmax(logits, 1).detach()
+    refined_weak = torch.stack([dense_refine_2d(p_weak[b], block_mean(f_weak, (2, 2))[b], 0.1) for b in range(2)])
+    p_in = torch.stack([dense_refine_2d(p_strong[b], block_mean(f_strong, (2, 2))[b], 0.1) for b in range(2)])
+    confident = ((p_weak if confidence == "weak" else refined_weak).amax(1, keepdim=True) >= tau).float()
+    pseudo = refined_weak.argmax(1, keepdim=True)
+    box = mix.bool()  # partner of volume 0 is volume 1: flip(0)
+    target, mask = torch.where(box, pseudo.flip(0), pseudo), torch.where(box, confident.flip(0), confident)
+    assert 0.1 < mask.mean() < 0.9 and len(target[mask.bool()].unique()) > 1  # a non-trivial case
+    assert value.item() == pytest.approx(batch_present_dice(p_in, target, mask).item(), abs=1e-5)
+    value.backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def thin_sheet_case():
+    """A 32x32x16 crop (feature grid 8x8x4, tokens of 4^3 voxels) whose weak view is confident everywhere: p = 0.99
+    for background and for a foreground sheet two voxels thick inside one token layer; class 2 absent."""
+    size, k = (32, 32, 16), 3
+    cls = torch.zeros(1, *size, dtype=torch.long)
+    cls[:, 13:15] = 1
+    onehot = F.one_hot(cls, k).movedim(-1, 1)
+    p_weak = torch.where(onehot.bool(), 0.99, 0.005)
+    features = block_mean(p_weak, (8, 8, 4)) + 0.01 * torch.randn(1, 3, 8, 8, 4, generator=torch.Generator().manual_seed(0))
+    return cls, onehot.float(), p_weak, features
+
+
+def test_a_thin_foreground_class_entering_the_mask_gets_a_gradient():
+    """Issue 16, defect 1: the weak probabilities were pooled to the token grid before the tau threshold (the sheet
+    pooled to 0.5), refined by an average that only dilutes, and the per-image Dice gave a class absent from the
+    mask loss ~1 with a gradient of ~1e-7. Now the sheet's voxels pass tau and its class learns like background."""
+    cls, onehot, p_weak, features = thin_sheet_case()
+    logits = (2.0 * onehot).requires_grad_()
+    no_mix, partner = torch.zeros(1, 1, *cls.shape[1:]), torch.tensor([0])
+    value = semsim.SemSimLoss(3).intra_term(p_weak, torch.softmax(logits, 1), features, features.clone(), no_mix,
+                                            partner)
+    value.backward()
+    sheet = cls[0] == 1
+    foreground = logits.grad[0, 1][sheet].abs().mean()
+    background = logits.grad[0, 0][~sheet].abs().mean()
+    assert foreground > background, (foreground, background)  # per voxel: the sheet has 1/15 of the voxels
+    # a confident, correct strong view: no floor of (K - 1) / K = 2/3 from the absent class 2 (what remains is the
+    # sheet's refined p_in, diluted by the coarse propagated term)
+    exact = semsim.SemSimLoss(3).intra_term(p_weak, torch.softmax(20 * onehot, 1), features, features, no_mix,
+                                            partner)
+    assert exact.item() < 0.25
+
+
+def test_the_papers_refined_mask_is_an_option():
+    """intra_confidence="refined" thresholds p1_w (Eq. 6 as written), on the image grid: the sheet's refined
+    confidence, (0.99 + a propagated ~0.5) / 2, stays below tau, so only background passes."""
+    cls, onehot, p_weak, features = thin_sheet_case()
+    logits = (2.0 * onehot).requires_grad_()
+    no_mix, partner = torch.zeros(1, 1, *cls.shape[1:]), torch.tensor([0])
+    loss = semsim.SemSimLoss(3, intra_confidence="refined")
+    loss.intra_term(p_weak, torch.softmax(logits, 1), features, features, no_mix, partner).backward()
+    sheet = cls[0] == 1
+    # the sheet's class gets only what reaches it through the propagated term of background voxels
+    assert logits.grad[0, 1][sheet].abs().mean() < 0.1 * logits.grad[0, 0][~sheet].abs().mean()
+    with pytest.raises(ValueError, match="intra_confidence"):
+        semsim.SemSimLoss(3, intra_confidence="pooled")
 
 
 # ------------------------------------------------------------------------------------------------ cross-image term
@@ -242,30 +390,129 @@ def test_cross_term_is_masked_by_tau_by_hand():
     assert cross.item() == pytest.approx(math.log1p(math.exp(10.0)) / 2, rel=1e-5)
 
 
-def test_cross_term_is_weighted_by_the_uncertainty():
-    torch.manual_seed(0)
-    loss = semsim.SemSimLoss(num_classes=3, prototype_grid=2, uncertainty_sharpness=5.0)
-    features_labeled, features_weak, features_strong2 = (torch.randn(2, 4, 4, 4) for _ in range(3))
-    label = torch.randint(0, 3, (2, 1, 8, 8))  # resized to the 4x4 grid by nearest neighbour
-    mix = torch.zeros(2, 1, 8, 8)
-    mix[1, :, :4] = 1
-    partner = torch.tensor([1, 0])
-    cross = loss.cross_term(features_labeled, label, features_weak, features_strong2, mix, partner)
-    # assembled from the parts: nearest label on the grid, p2_w from the weak features, Ubar and p_cr from strong 2
-    label_grid = label[:, :, 1::2, 1::2]
-    prototypes, present = semsim.local_prototypes(features_labeled, label_grid, 3, 2)
-    p2 = semsim.prototype_logits(semsim.prototype_similarity(features_weak, prototypes, 2), present, 0.1).exp()
-    confidence, pseudo = p2.max(1, keepdim=True)
-    mix_grid = F.avg_pool2d(mix, 2)
-    target = semsim.cutmix_target(pseudo, mix_grid, partner)[:, 0]
-    confident = semsim.cutmix_target((confidence >= 0.95).float(), mix_grid, partner)[:, 0]
-    m = semsim.prototype_similarity(features_strong2, prototypes, 2)
-    weight = semsim.uncertainty_weight(m, present, 5.0)
-    ce = -semsim.prototype_logits(m, present, 0.1).gather(1, target.unsqueeze(1))[:, 0]
-    assert 0 < confident.mean() < 1 and 0.01 < weight.min() < weight.max() < 0.999  # a non-trivial case
-    assert cross.item() == pytest.approx((confident * weight * ce).mean().item(), rel=1e-5)
-    assert cross.item() < (confident * ce).mean().item()
+def dense_cross_term(features_labeled, label_grid, groups, features_weak, features_strong2, mix_grid, partner,
+                     num_classes, temperature=0.1, sharpness=1000.0, tau=0.95):
+    """Eq. 13 with loops, 2D: global class prototypes (N = 1) of each labeled volume (its crops pooled), p_cr of
+    Eq. 9 with a temperature, Ubar of Eqs. 10-12 on untempered similarities, CutMix of target and mask by the
+    partner's weak-view prediction where the pooled box covers at least half a cell."""
+    volumes = sorted(set(groups))
+    prototypes = {}
+    for j in volumes:
+        crops = [i for i, g in enumerate(groups) if g == j]
+        for c in range(num_classes):
+            vectors = [features_labeled[i, :, y, x] for i in crops for y in range(label_grid.shape[2])
+                       for x in range(label_grid.shape[3]) if label_grid[i, 0, y, x] == c]
+            if vectors:
+                prototypes[j, c] = torch.stack(vectors).mean(0)
 
+    def predict(f):
+        cos = {key: F.cosine_similarity(f, proto, dim=0) for key, proto in prototypes.items()}
+        per_class = torch.stack([sum(((cos[j, c] / temperature).exp() for j in volumes if (j, c) in cos),
+                                     torch.tensor(0.0)) for c in range(num_classes)])
+        q = []
+        for j in volumes:
+            e = torch.stack([cos[j, c].exp() if (j, c) in cos else torch.tensor(0.0) for c in range(num_classes)])
+            q.append(e / e.sum())
+        qbar = sum(q) / len(q)
+        kl = [sum(qj[c] * torch.log(qj[c] / qbar[c]) for c in range(num_classes) if qj[c] > 0) for qj in q]
+        return per_class / per_class.sum(), sum(torch.exp(-sharpness * k) for k in kl) / len(q)
+
+    terms = []
+    for b in range(features_weak.shape[0]):
+        for y in range(features_weak.shape[2]):
+            for x in range(features_weak.shape[3]):
+                source = partner[b] if mix_grid[b, 0, y, x] >= 0.5 else b
+                confidence, target = predict(features_weak[source, :, y, x])[0].max(0)
+                p_cr, weight = predict(features_strong2[b, :, y, x])
+                terms.append(float(confidence >= tau) * weight * -torch.log(p_cr[target]))
+    return torch.stack(terms).mean()
+
+
+def cross_volumes_case(seed: int = 0):
+    """Four labeled 8x8 crops (feature grid 4x4, D = 3, 3 classes) and two unlabeled ones whose features follow
+    class directions, each crop with its own offset: the crops' prototypes differ, the classes stay apart."""
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.eye(3)
+
+    def crop(label_4x4, offset):
+        f = directions[label_4x4].movedim(-1, 0) + offset.view(3, 1, 1) + 0.05 * torch.randn(3, 4, 4, generator=g)
+        return f
+
+    labels = torch.randint(0, 3, (4, 4, 4), generator=g)
+    labels[0, 0, :3] = torch.tensor([0, 1, 2])  # every class in the first crop
+    offsets = 0.4 * torch.randn(4, 3, generator=g)
+    features_labeled = torch.stack([crop(labels[i], offsets[i]) for i in range(4)])
+    label = labels.unsqueeze(1).repeat_interleave(2, 2).repeat_interleave(2, 3)  # (4, 1, 8, 8)
+    unlabeled = torch.randint(0, 3, (2, 4, 4), generator=g)
+    features_weak = torch.stack([crop(unlabeled[i], torch.zeros(3)) for i in range(2)])
+    features_strong2 = (features_weak + 0.3 * torch.randn(features_weak.shape, generator=g)).requires_grad_()
+    mix = torch.zeros(2, 1, 8, 8)
+    mix[0, :, 2:7, 0:5] = 1  # pooled to 4x4: cells with >= 2 of 4 voxels in the box count as pasted
+    return features_labeled, label, features_weak, features_strong2, mix, torch.tensor([1, 0])
+
+
+def test_cross_term_by_a_dense_computation_with_prototypes_per_labeled_volume():
+    """Crops 0-1 come from one labeled volume and 2-3 from another: prototypes pool the crops of a volume, and Ubar
+    compares the two volumes (Eqs. 7-13, written with loops)."""
+    features_labeled, label, features_weak, features_strong2, mix, partner = cross_volumes_case()
+    groups = torch.tensor([5, 5, 2, 2])  # any ids
+    loss = semsim.SemSimLoss(num_classes=3, uncertainty_sharpness=200.0, confidence_threshold=0.9)
+    cross = loss.cross_term(features_labeled, label, features_weak, features_strong2, mix, partner, groups)
+    label_grid = label[:, :, 1::2, 1::2]  # nearest-exact: the label at each 2x2 cell's centre
+    mix_grid = block_mean(mix, (4, 4))
+    expected = dense_cross_term(features_labeled, label_grid, groups.tolist(), features_weak,
+                                features_strong2.detach(), mix_grid, partner.tolist(), 3, sharpness=200.0, tau=0.9)
+    unweighted = dense_cross_term(features_labeled, label_grid, groups.tolist(), features_weak,
+                                  features_strong2.detach(), mix_grid, partner.tolist(), 3, sharpness=0.0, tau=0.9)
+    assert cross.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert 0 < expected < 0.9 * unweighted  # a case where the volumes' agreement matters
+    cross.backward()
+    assert features_strong2.grad.abs().sum() > 0
+
+
+def test_crops_of_one_labeled_volume_are_one_labeled_image():
+    """Issue 16, defect 2: with the crops of one labeled volume as separate j, Ubar measured the disagreement of
+    crop positions and all but switched L_cross off; as one j (the paper's one labeled image) Ubar = 1 and L_cross
+    is the tau-masked CE."""
+    features_labeled, label, features_weak, features_strong2, mix, partner = cross_volumes_case()
+    loss = semsim.SemSimLoss(num_classes=3, confidence_threshold=0.9)
+    one_volume = loss.cross_term(features_labeled, label, features_weak, features_strong2, mix, partner,
+                                 torch.zeros(4, dtype=torch.long))
+    label_grid, mix_grid = label[:, :, 1::2, 1::2], block_mean(mix, (4, 4))
+    masked_ce = dense_cross_term(features_labeled, label_grid, [0] * 4, features_weak, features_strong2.detach(),
+                                 mix_grid, partner.tolist(), 3, sharpness=0.0, tau=0.9)
+    assert one_volume.item() == pytest.approx(masked_ce.item(), rel=1e-5) and masked_ce > 0
+    per_crop = loss.cross_term(features_labeled, label, features_weak, features_strong2, mix, partner)
+    assert per_crop < 0.1 * one_volume  # each crop its own j (the old behaviour): r = 1000 zeroes the weight
+    similarity = torch.randn(2, 1, 3, 4, 4)
+    assert torch.equal(semsim.uncertainty_weight(similarity, torch.ones(1, 3, dtype=torch.bool), 1000.0),
+                       torch.ones(2, 4, 4))
+
+
+def test_global_prototypes_are_the_default_for_random_crops():
+    """N = 1: a crop's prototype does not depend on where in the crop its anatomy lies (region n of a labeled crop
+    and of an unlabeled crop hold different anatomy when crops are random)."""
+    assert semsim.SemSimLoss(3).prototype_grid == 1
+    config = json.loads((SEMSIM_BUNDLE / "configs" / "train.json").read_text())
+    assert config["prototype_grid"] == 1 and config["loss"]["prototype_grid"] == "@prototype_grid"
+    torch.manual_seed(0)
+    features = torch.randn(2, 4, 6, 6)
+    label = torch.randint(0, 3, (2, 1, 6, 6))
+    shifted_f, shifted_l = features.roll(3, dims=2), label.roll(3, dims=2)  # the same content, moved in the crop
+    prototypes, present = semsim.local_prototypes(features, label, 3, grid=1)
+    moved, _ = semsim.local_prototypes(shifted_f, shifted_l, 3, grid=1)
+    assert prototypes.shape == (2, 3, 1, 4) and torch.allclose(prototypes, moved, atol=1e-6)
+    for j in range(2):
+        for c in range(3):
+            voxels = features[j].reshape(4, -1)[:, label[j].reshape(-1) == c]
+            assert torch.allclose(prototypes[j, c, 0], voxels.mean(1), atol=1e-6) and present[j, c]
+    local, _ = semsim.local_prototypes(features, label, 3, grid=3)
+    local_moved, _ = semsim.local_prototypes(shifted_f, shifted_l, 3, grid=3)
+    assert not torch.allclose(local, local_moved, atol=1e-3)  # regions in crop coordinates move with the crop
+    # crops pooled by volume: the mean over both crops' voxels of a class
+    pooled, _ = semsim.local_prototypes(features, label, 3, grid=1, groups=torch.tensor([3, 3]))
+    voxels = torch.cat([features[j].reshape(4, -1)[:, label[j].reshape(-1) == 1] for j in range(2)], 1)
+    assert pooled.shape == (1, 3, 1, 4) and torch.allclose(pooled[0, 1, 0], voxels.mean(1), atol=1e-6)
 
 # ------------------------------------------------------------------------------------------------ the whole loss
 
@@ -377,6 +624,38 @@ def test_missing_outputs_and_bad_settings_are_refused():
         semsim.SemSimLoss(3, intra_weight=-1)
     with pytest.raises(ValueError, match="tau"):
         semsim.SemSimLoss(3, confidence_threshold=0)
+
+
+def test_similarity_products_run_in_float32_under_autocast():
+    """Issue 16, defect 4: under the trainer's AMP the affinity bmm and the prototype einsum ran in half precision
+    although their inputs were cast to float32. They now run with autocast off (bfloat16 autocast on CPU here)."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(2, 3, 8, 8, 8, generator=g), 1)
+    f = torch.randn(2, 16, 4, 4, 4, generator=g)
+    label = torch.randint(0, 3, (2, 1, 4, 4, 4), generator=g)
+    prototypes = torch.randn(3, 3, 8, 16, generator=g)
+
+    def compute():
+        return (semsim.propagate_by_affinity(block_mean(p, (4, 4, 4)), f, 0.1), semsim.refine_by_affinity(p, f, 0.1),
+                semsim.prototype_similarity(f, prototypes, 2), semsim.prototype_similarity(f, prototypes[:, :, :1], 1),
+                semsim.local_prototypes(f, label, 3, 2)[0])
+
+    plain = compute()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = compute()
+        assert torch.mm(f[0, :, 0, 0].reshape(1, -1), f[0, :, 0, 0].reshape(-1, 1)).dtype == torch.bfloat16  # AMP is on
+    for name, a, b in zip(("propagate", "refine", "similarity", "similarity N=1", "prototypes"), autocast, plain):
+        assert a.dtype == torch.float32, name
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-6), (name, (a - b).abs().max())
+    # the whole loss, with its inputs in bfloat16 as AMP hands them over
+    outputs, label = semsim_outputs()
+    half = {key: v.detach().bfloat16() if v.is_floating_point() else v for key, v in outputs.items()}
+    expected = semsim.SemSimLoss(3)(half, label)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = semsim.SemSimLoss(3)
+        value = loss(half, label)
+    assert value.dtype == torch.float32 and value.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert all(term.dtype == torch.float32 for term in loss.terms.values())
 
 
 # --------------------------------------------------------------------------------------- Spatial-aware Fusion Module

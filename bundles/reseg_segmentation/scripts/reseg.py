@@ -2,7 +2,8 @@
 """ReSeg (reconstruction-guided feature consistency, Li-gzhu/ReSeg-UNet) as a two-stage recipe on MONAI backbones.
 
 Stage 1 trains a reconstruction network, the same backbone with the label map as input and the image as target,
-with L_rec = 0.6 * MSE + 0.4 * L1. Stage 2 freezes it as a teacher and trains the segmentation network with
+with L_rec = 0.6 * MSE + 0.4 * L1. Stage 2 freezes a copy of it as the teacher and trains the segmentation network
+with (the authors' train_unet_se.py; no paper was found, so its loss is the equation cited)
 
     L = ce_weight * CE + dice_weight * Dice + a * L_opt,
     L_opt = ( MSE(s.e1, r.d1) + MSE(s.e2, r.d2) + MSE(s.e3, r.d3)      # seg encoder  vs recon decoder
@@ -15,19 +16,24 @@ a = 0.035, CE and Dice weighted 0.5 each (seed 000 and the authors' train_unet_s
 per channel before its MSE by default (``reseg_feature_norm``), because MONAI's blocks, unlike the seed's, do not
 end in a normalisation (see :func:`feature_consistency`).
 
+L is the template's ``RegularisedLoss``: its ``seg_loss`` is the DiceCE term (``ce_weight``, ``dice_weight``),
+:class:`ReSegRegulariser` returns ``{"opt": L_opt}`` as the regulariser ``reseg``, and ``regulariser_weights#reseg``
+is a (``reseg_weight``). The teacher is :func:`frozen_teacher`, a copy of the stage-1 network, never the stage-1
+network itself.
+
 Features are read by forward hooks (:class:`FeatureTaps`) on unmodified MONAI networks, so the trained network,
 its ``state_dict``, its inference and its export are those of the plain backbone.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
 from monai.networks import nets
 from monai.networks.utils import one_hot
 
@@ -235,72 +241,83 @@ def feature_consistency(student: Mapping[str, torch.Tensor], teacher: Mapping[st
     return total / divisor
 
 
-class ReSegLoss(torch.nn.Module):
-    """Stage-2 loss L = ce_weight * CE + dice_weight * Dice + weight * L_opt (see the module docstring).
+def frozen_teacher(network: torch.nn.Module, device: str | torch.device | None = None) -> torch.nn.Module:
+    """The stage-2 teacher r: a deep copy of the stage-1 reconstruction network ``network`` (``reconstruction_def``),
+    moved to ``device``, with no parameter requiring gradient and in eval mode.
+
+    A copy, because the config caches ``reconstruction_def`` and stage 1 trains that very instance
+    (``reconstruction#network``): freezing it in place would stop stage 1 from training whenever stage 2's loss is
+    built first, as resolving a train workflow's properties (``train#trainer``) does. The copy's weights do not
+    matter: stage 2 loads ``models/reconstruction.pt`` into it strictly (``teacher_loader``) before its first step.
+    """
+    teacher = copy.deepcopy(unwrap(network))
+    if device is not None:
+        teacher = teacher.to(device)
+    return teacher.requires_grad_(False).eval()
+
+
+class ReSegRegulariser(torch.nn.Module):
+    """ReSeg's feature-consistency term as the regulariser ``reseg`` of the template's ``RegularisedLoss``:
+    ``forward(logits, label, extras) -> {"opt": L_opt}``, L_opt of the authors' train_unet_se.py (module docstring):
+
+        L_opt = sum_i w_i * MSE(n(s[p_i]), n(r[q_i])) / divisor,   L = L_seg + a * L_opt,
+
+    a (``reseg_weight``, the seed's 0.035) being applied by ``RegularisedLoss`` (``regulariser_weights#reseg``),
+    and L_seg (``seg_loss``: ce_weight * CE + dice_weight * Dice, 0.5 and 0.5 in the seed) computed there. The
+    term is logged as ``train_reseg_opt``, beside ``train_seg`` and ``train_total``.
 
     Args:
         student_taps: :class:`FeatureTaps` on the segmentation network (training forward passes only) for the
-            pairs' first names.
-        teacher: the stage-1 reconstruction network. It is frozen here (no parameter requires grad) and kept in
-            eval mode, and runs under ``torch.no_grad()`` on the encoded label at every call.
-        teacher_taps: :class:`FeatureTaps` on ``teacher`` with ``training_only=False``, for the pairs' second names.
+            pairs' first names p_i.
+        teacher: the stage-1 reconstruction network r, its own instance (:func:`frozen_teacher`), not the network
+            stage 1 trains. It is frozen here (no parameter requires grad) and kept in eval mode, and runs under
+            ``torch.no_grad()`` on the encoded label at every call.
+        teacher_taps: :class:`FeatureTaps` on ``teacher`` with ``training_only=False``, for the pairs' second
+            names q_i.
         pairs: (student module, teacher module) names, :func:`default_pairs` for the seed's seven.
-        weight: a, the seed's 0.035. 0 gives exactly the DiceCE loss (the baseline): no teacher forward, and the
-            hooks of any taps given are removed.
-        ce_weight, dice_weight: 0.5 and 0.5 in the seed.
         divisor: L_opt's divisor, the seed's 3 (not the number of pairs).
-        feature_norm: "instance" (default) standardises every tapped map per channel before the MSE, "none" uses
+        pair_weights: w_i, one weight per pair; None for all 1, as in the seed.
+        feature_norm: n: "instance" (default) standardises every tapped map per channel before the MSE, "none" uses
             the raw maps as the seed does (see :func:`feature_consistency` for why).
-        pair_weights: one weight per pair; None for all 1, as in the seed.
         num_classes, label_encoding: how the label becomes the teacher's input, as in stage 1 (:func:`encode_label`).
 
-    ``forward(logits, label)`` takes logits (B, K, *S) and labels (B, 1, *S). After each call ``terms`` holds the
-    detached ``seg``, ``opt`` (L_opt, when weight != 0) and ``total`` for logging.
+    ``forward`` takes logits (B, K, *S) (unused: the student's features come from its taps, filled by the training
+    forward pass that made the logits), labels (B, 1, *S) of class indices and the network's extras (unused), and
+    returns ``{"opt": L_opt}``, a float32 scalar with gradient to the segmentation network only.
     """
 
-    def __init__(self, student_taps: FeatureTaps | None, teacher: torch.nn.Module | None,
-                 teacher_taps: FeatureTaps | None, pairs: Sequence[Pair] | None = None, weight: float = 0.035,
-                 ce_weight: float = 0.5, dice_weight: float = 0.5, divisor: float = 3.0,
-                 pair_weights: Sequence[float] | None = None, feature_norm: FeatureNorm = "instance",
-                 num_classes: int = 2, label_encoding: LabelEncoding = "onehot") -> None:
+    def __init__(self, student_taps: FeatureTaps, teacher: torch.nn.Module, teacher_taps: FeatureTaps,
+                 pairs: Sequence[Pair], divisor: float = 3.0, pair_weights: Sequence[float] | None = None,
+                 feature_norm: FeatureNorm = "instance", num_classes: int = 2,
+                 label_encoding: LabelEncoding = "onehot") -> None:
         super().__init__()
-        self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=ce_weight, lambda_dice=dice_weight)
-        self.weight = weight
-        if not weight:
-            for taps in (student_taps, teacher_taps):
-                if taps is not None:
-                    taps.remove()  # otherwise the hooks would keep storing features that nothing reads
-            student_taps = teacher = teacher_taps = None
-        elif student_taps is None or teacher is None or teacher_taps is None or not pairs:
-            raise ValueError("reseg_weight != 0 needs student taps, the teacher, its taps and at least one pair; "
-                             "set reseg_weight 0 for the baseline")
-        elif divisor <= 0:
+        if student_taps is None or teacher is None or teacher_taps is None or not pairs:
+            raise ValueError("the ReSeg regulariser needs student taps, the teacher, its taps and at least one pair; "
+                             "set reseg_weight 0 for the baseline (the regulariser is then disabled)")
+        if divisor <= 0:
             raise ValueError(f"reseg_divisor must be positive, got {divisor}")
+        if pair_weights is not None and len(pair_weights) != len(pairs):
+            raise ValueError(f"reseg_pair_weights has {len(pair_weights)} entries for {len(pairs)} reseg_pairs")
+        encode_label(torch.zeros(1, 1, 1), num_classes, label_encoding)  # refuse a bad encoding now, not at step 1
         self.student_taps, self.teacher_taps = student_taps, teacher_taps
-        self.teacher = teacher.requires_grad_(False).eval() if teacher is not None else None
-        self.pairs = [tuple(p) for p in pairs or ()]
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.pairs = [tuple(p) for p in pairs]
         self.pair_weights, self.divisor, self.feature_norm = pair_weights, divisor, _check_feature_norm(feature_norm)
         self.num_classes, self.label_encoding = num_classes, label_encoding
-        self.terms: dict[str, torch.Tensor] = {}
 
-    def train(self, mode: bool = True) -> ReSegLoss:
+    def train(self, mode: bool = True) -> ReSegRegulariser:
         super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()  # the teacher's normalisation layers use their stage-1 statistics, never the batch's
+        self.teacher.eval()  # the teacher's normalisation layers use their stage-1 statistics, never the batch's
         return self
 
-    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        seg = self.seg_loss(logits, label)
-        terms = {"seg": seg}
-        total = seg
-        if self.teacher is not None:
-            student = self.student_taps.pop()
-            with torch.no_grad():
-                self.teacher(encode_label(label, self.num_classes, self.label_encoding))
-            teacher = self.teacher_taps.pop()
-            terms["opt"] = feature_consistency(student, teacher, self.pairs, self.pair_weights, self.divisor,
-                                                 self.feature_norm)
-            total = seg + self.weight * terms["opt"]
-        terms["total"] = total
-        self.terms = {name: value.detach() for name, value in terms.items()}
-        return total
+    def teacher_forward(self, label: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The teacher's tapped maps r[q_i] on the encoded label (B, 1, *S), without gradient."""
+        with torch.no_grad():
+            self.teacher(encode_label(label, self.num_classes, self.label_encoding))
+        return self.teacher_taps.pop()
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor, extras: object = None) -> dict[str, torch.Tensor]:
+        student = self.student_taps.pop()
+        teacher = self.teacher_forward(label)
+        return {"opt": feature_consistency(student, teacher, self.pairs, self.pair_weights, self.divisor,
+                                           self.feature_norm)}

@@ -12,9 +12,13 @@ of the Spatial-aware Fusion Module (``sfm.py``), a training-only head on the enc
   agreement of the labeled volumes.
 
 L = 1/2 (L_s + lam_u L_u + lam_intra L_intra + lam_cross L_cross) (Eqs. 18-19). Departures from the paper, each
-forced by a choice the paper leaves open or by an inconsistency in it, are listed on the functions below:
-the affinity and the prototype similarities have a temperature, the refinement is p M^T and halved, and the
-affinity is taken on a grid capped at ``affinity_max_tokens`` voxels (3D volumes).
+forced by a choice the paper leaves open, by an inconsistency in it or by the 3D setting, are listed on the
+functions below: the affinity and the prototype similarities have a temperature; the refinement is p M^T, halved,
+computed on a grid capped at ``affinity_max_tokens`` voxels and upsampled to the image grid where it is added to the
+full-resolution p; L_intra's Dice skips classes absent from its masked target and, by default, its mask is the weak
+view's own confidence at full resolution; the cross-image prototypes are global per class (N = 1) and per labeled
+*volume* (crops of one volume pooled), since random 3D crops are not aligned. The affinity and prototype products
+run in float32 with autocast off.
 
 Shapes: B_l labeled and B_u unlabeled volumes, K classes, S the image grid, G the feature grid (1/4 of S), any
 number of spatial dims (2D and 3D alike).
@@ -38,6 +42,11 @@ from .feature_taps import pool_to_size
 _MASKED_DICE = MaskedDiceLoss(include_background=True, batch=False)
 
 
+def _fp32(device: torch.device):
+    """Autocast off for ``device``'s type: the similarity products below must not run in half precision."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def masked_dice(probabilities: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Dice loss of ``probabilities`` (B, K, *S) against class indices ``target`` (B, 1, *S), counting only the
     voxels where ``mask`` (B, 1, *S) is 1 (Eqs. 1 and 6: 1(max p >= tau) inside the Dice sums, as UniMatch's
@@ -48,6 +57,28 @@ def masked_dice(probabilities: torch.Tensor, target: torch.Tensor, mask: torch.T
     reason (the input is masked before any softmax the loss would apply).
     """
     return _MASKED_DICE(probabilities, one_hot(target, probabilities.shape[1]), mask)
+
+
+def present_class_dice(probabilities: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                       smooth: float = 1e-5) -> torch.Tensor:
+    """Masked Dice loss over the whole batch, averaged over the classes present in the masked target (L_intra).
+
+    probabilities (B, K, *S); target (B, 1, *S) class indices; mask (B, 1, *S). Per class c, with sums over the
+    batch and the voxels where mask = 1: 1 - (2 sum p t + s) / (sum p + sum t + s); the mean over the classes with
+    sum t > 0; 0 (with zero gradient) when the mask is empty.
+
+    Batch-level sums as UniMatch's ``DiceLoss``. A class absent from the masked target is left out instead of
+    counting as 1 - s / (sum p + s) ~ 1, a constant whose gradient (~ s / (sum p)^2) is nil: with it, a mask that
+    only background passes gives the per-image Dice its floor of (K - 1) / K and each present class a 1/K share.
+    """
+    onehot = one_hot(target, probabilities.shape[1]) * mask
+    masked = probabilities * mask
+    dims = (0, *range(2, probabilities.ndim))
+    intersection = (masked * onehot).sum(dims)
+    target_sum = onehot.sum(dims)
+    dice = 1 - (2 * intersection + smooth) / (masked.sum(dims) + target_sum + smooth)
+    present = (target_sum > 0).to(dice.dtype)
+    return (dice * present).sum() / present.sum().clamp(min=1)
 
 
 def cutmix_target(value: torch.Tensor, mix: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
@@ -76,31 +107,53 @@ def cap_grid(size: Sequence[int], max_tokens: int) -> tuple[int, ...]:
     return tuple(max(1, math.floor(s * scale + 1e-6)) for s in size)
 
 
-def refine_by_affinity(probabilities: torch.Tensor, features: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Eqs. 4-5: refine(p, f) = (p + p M^T) / 2 with M = row-softmax(cos(f(k1), f(k2)) / temperature).
+def propagate_by_affinity(probabilities: torch.Tensor, features: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Eq. 4 and Eq. 5's propagated term: p M^T with M = row-softmax(cos(f(k1), f(k2)) / temperature).
 
-    probabilities (B, K, *G), features (B, D, *G) on the same grid; returns (B, K, *G), a distribution per voxel.
+    probabilities (B, K, *G), features (B, D, *G) on the same grid; returns (B, K, *G) in float32, computed with
+    autocast off (under AMP the bmm would otherwise run in half precision whatever its inputs' dtype).
 
     - M^T, not the paper's M: with a row-softmax M (each row a distribution over the tokens k2), (p M^T)(i) =
       sum_k M(i, k) p(k) is token i's affinity-weighted mean of the others' probabilities; p M would weight by
       columns, which do not sum to 1.
-    - / 2: p + p M^T sums to 2 per voxel; halving keeps a distribution, so that the threshold tau on max p1_w means
-      what it means for L_u.
     - temperature: the paper has none, but with cosines in [-1, 1] and thousands of tokens a plain softmax is nearly
       uniform, p M^T becomes the volume's mean prediction and the tau mask of L_intra empties.
     """
-    b, k = probabilities.shape[:2]
-    p = probabilities.reshape(b, k, -1)
-    f = F.normalize(features.reshape(b, features.shape[1], -1), dim=1)
-    affinity = torch.softmax(torch.bmm(f.transpose(1, 2), f) / temperature, dim=-1)  # (B, N, N), rows sum to 1
-    return ((p + torch.bmm(p, affinity.transpose(1, 2))) / 2).reshape(probabilities.shape)
+    with _fp32(probabilities.device):
+        b, k = probabilities.shape[:2]
+        p = probabilities.float().reshape(b, k, -1)
+        f = F.normalize(features.float().reshape(b, features.shape[1], -1), dim=1)
+        affinity = torch.softmax(torch.bmm(f.transpose(1, 2), f) / temperature, dim=-1)  # (B, N, N), rows sum to 1
+        return torch.bmm(p, affinity.transpose(1, 2)).reshape(b, k, *probabilities.shape[2:])
+
+
+def refine_by_affinity(probabilities: torch.Tensor, features: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Eq. 5: refine(p, f) = (p + U(I(p) M^T)) / 2, M from ``features`` (:func:`propagate_by_affinity`).
+
+    probabilities (B, K, *S) on the image grid, features (B, D, *G) on the affinity grid (G <= S); returns
+    (B, K, *S) in float32, a distribution per voxel. I is adaptive average pooling to G, U linear interpolation
+    back to S; on one grid (S = G) both are the identity and this is the paper's (p + p M^T) / 2.
+
+    - / 2: p + p M^T sums to 2 per voxel; halving keeps a distribution.
+    - the full-resolution p (not I(p)) is the first summand: pooling p onto a 3D feature grid (1/4 of the crop, each
+      token 4^3 voxels) before the sum dilutes every structure thinner than a token (a sheet two voxels thick at
+      p = 0.99 pools to 0.5), so that it never passes tau; only the propagated term lives on the coarse grid.
+    """
+    grid = features.shape[2:]
+    propagated = propagate_by_affinity(pool_to_size(probabilities, grid), features, temperature)
+    if propagated.shape[2:] != probabilities.shape[2:]:
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[probabilities.ndim - 2]
+        with _fp32(probabilities.device):
+            propagated = F.interpolate(propagated, size=probabilities.shape[2:], mode=mode, align_corners=False)
+    return (probabilities.float() + propagated) / 2
 
 
 def region_index(size: Sequence[int], grid: int, device: torch.device | None = None) -> torch.Tensor:
     """The sub-region Lambda_n of every voxel of a grid of ``size``, flattened (prod(size),), row-major region ids.
 
-    ``grid`` regions per side (the paper's N = 4, an N x N (x N) partition: the reading of Table V consistent with
-    N = 14 on a 56^2 map), clamped to the side's length; along each axis voxel i is in region floor(i * N / size).
+    ``grid`` regions per side (an N x N (x N) partition: the reading of Table V consistent with N = 14 on a 56^2
+    map; the paper's N = 4 is for whole, roughly aligned 2D slices, this bundle's default N = 1 for random 3D
+    crops), clamped to the side's length; along each axis voxel i is in region floor(i * N / size).
     """
     axes = [torch.arange(s, device=device) * min(grid, s) // s for s in size]
     strides = [math.prod(min(grid, s) for s in size[a + 1:]) for a in range(len(size))]
@@ -108,42 +161,59 @@ def region_index(size: Sequence[int], grid: int, device: torch.device | None = N
     return sum(c * stride for c, stride in zip(coords, strides)).reshape(-1)
 
 
-def local_prototypes(features: torch.Tensor, label: torch.Tensor, num_classes: int,
-                     grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+def local_prototypes(features: torch.Tensor, label: torch.Tensor, num_classes: int, grid: int,
+                     groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Eqs. 7-8: local class prototypes of the labeled volumes.
 
-    features (B_l, D, *G); label (B_l, 1, *G) class indices on the same grid. Returns
+    features (B_l, D, *G); label (B_l, 1, *G) class indices on the same grid; ``groups`` (B_l,) the source volume of
+    each crop (any ids; None: every crop its own volume). The paper's j is a labeled *image*: crops of one volume
+    are pooled into one j, so that with random crops the agreement Ubar (:func:`uncertainty_weight`) compares
+    labeled volumes, not the positions of crops of one volume. Returns, for the J distinct volumes,
 
-    - prototypes (B_l, K, R, D), R = number of regions (:func:`region_index`): G^c_n(j) = the mean feature of the
-      voxels of class c in region n of volume j; where class c is absent from region n, the whole-volume prototype
-      of class c in volume j (Eq. 8's fallback); zeros where c is absent from volume j;
-    - present (B_l, K) bool: whether class c occurs in volume j at all. Absent (j, c) pairs take no part in the
+    - prototypes (J, K, R, D) in float32, R = number of regions (:func:`region_index`): G^c_n(j) = the mean
+      feature of the voxels of class c in region n of the crops of volume j; where class c is absent from region n,
+      the whole-volume prototype of class c in volume j (Eq. 8's fallback); zeros where c is absent from volume j;
+    - present (J, K) bool: whether class c occurs in volume j at all. Absent (j, c) pairs take no part in the
       prediction (:func:`prototype_logits`).
     """
     b, d = features.shape[:2]
+    if groups is None:
+        groups = torch.arange(b, device=features.device)
+    groups = torch.unique(groups.to(features.device), return_inverse=True)[1]  # ids 0 .. J-1
+    n_groups = int(groups.max()) + 1
     regions = region_index(features.shape[2:], grid, features.device)
     n_regions = int(regions.max()) + 1
-    index = label.reshape(b, -1).long() * n_regions + regions  # (B_l, V): class-major (class, region) cell
-    f = features.reshape(b, d, -1).transpose(1, 2)  # (B_l, V, D)
-    sums = f.new_zeros(b, num_classes * n_regions, d).scatter_add(1, index.unsqueeze(-1).expand(-1, -1, d), f)
-    counts = f.new_zeros(b, num_classes * n_regions).scatter_add(1, index, f.new_ones(index.shape))
-    sums, counts = sums.view(b, num_classes, n_regions, d), counts.view(b, num_classes, n_regions, 1)
-    whole = sums.sum(2, keepdim=True) / counts.sum(2, keepdim=True).clamp(min=1)
-    local = torch.where(counts > 0, sums / counts.clamp(min=1), whole)
+    cells = n_groups * num_classes * n_regions
+    # (B_l, V): the (volume, class, region) cell of every voxel, volume-major then class-major
+    index = ((groups.view(b, 1) * num_classes + label.reshape(b, -1).long()) * n_regions + regions).reshape(-1)
+    with _fp32(features.device):
+        f = features.float().reshape(b, d, -1).transpose(1, 2).reshape(-1, d)  # (B_l * V, D)
+        sums = torch.zeros(cells, d, device=f.device).index_add(0, index, f)
+        counts = torch.zeros(cells, device=f.device).index_add(0, index, torch.ones_like(index, dtype=f.dtype))
+        sums = sums.view(n_groups, num_classes, n_regions, d)
+        counts = counts.view(n_groups, num_classes, n_regions, 1)
+        whole = sums.sum(2, keepdim=True) / counts.sum(2, keepdim=True).clamp(min=1)
+        local = torch.where(counts > 0, sums / counts.clamp(min=1), whole)
     return local, counts.sum((2, 3)) > 0
 
 
 def prototype_similarity(features: torch.Tensor, prototypes: torch.Tensor, grid: int) -> torch.Tensor:
     """Eq. 8's query: m(i, j, c) = cos(f_u(i), G^c_n(j)) for every unlabeled voxel i, n the region of i.
 
-    features (B_u, D, *G); prototypes (B_l, K, R, D) from :func:`local_prototypes` on a grid of the same size.
-    Returns m (B_u, B_l, K, *G). Every labeled volume is queried (Eq. 9 sums over all of them).
+    features (B_u, D, *G); prototypes (J, K, R, D) from :func:`local_prototypes` on a grid of the same size.
+    Returns m (B_u, J, K, *G) in float32, computed with autocast off (under AMP the einsum would otherwise run in
+    half precision). Every labeled volume is queried (Eq. 9 sums over all of them).
     """
     b, d, *size = features.shape
     regions = region_index(size, grid, features.device)
-    query = F.normalize(features.reshape(b, d, -1), dim=1)  # (B_u, D, V)
-    keys = F.normalize(prototypes, dim=-1)[:, :, regions]  # (B_l, K, V, D): each voxel's own region's prototype
-    return torch.einsum("udv,jkvd->ujkv", query, keys).reshape(b, *prototypes.shape[:2], *size)
+    with _fp32(features.device):
+        query = F.normalize(features.float().reshape(b, d, -1), dim=1)  # (B_u, D, V)
+        keys = F.normalize(prototypes.float(), dim=-1)  # (J, K, R, D)
+        if keys.shape[2] == 1:  # one region (N = 1): a plain product, no per-voxel copy of the prototypes
+            similarity = torch.einsum("udv,jkd->ujkv", query, keys[:, :, 0])
+        else:
+            similarity = torch.einsum("udv,jkvd->ujkv", query, keys[:, :, regions])  # each voxel's own region
+        return similarity.reshape(b, *prototypes.shape[:2], *size)
 
 
 def _masked_scores(similarity: torch.Tensor, present: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -156,7 +226,7 @@ def _masked_scores(similarity: torch.Tensor, present: torch.Tensor, temperature:
 def prototype_logits(similarity: torch.Tensor, present: torch.Tensor, temperature: float) -> torch.Tensor:
     """Eq. 9 with a temperature: log p_cr(c) = log sum_j exp(m(j, c) / T) - log sum_c sum_j exp(m(j, c) / T).
 
-    similarity m (B_u, B_l, K, *G); present (B_l, K). Returns log p_cr (B_u, K, *G) (log-probabilities, computed
+    similarity m (B_u, J, K, *G); present (J, K). Returns log p_cr (B_u, K, *G) (log-probabilities, computed
     with logsumexp). Pairs (j, c) with c absent from volume j contribute nothing; a class absent from the whole
     labeled batch gets probability 0 (a huge negative, finite log).
 
@@ -172,8 +242,11 @@ def prototype_logits(similarity: torch.Tensor, present: torch.Tensor, temperatur
 def uncertainty_weight(similarity: torch.Tensor, present: torch.Tensor, sharpness: float) -> torch.Tensor:
     """Eqs. 10-12: Ubar = 1/|B_l| sum_j exp(-r KL(q(j) || qbar)) per unlabeled voxel.
 
-    similarity m (B_u, B_l, K, *G); present (B_l, K). Returns (B_u, *G) in (0, 1]: 1 where all labeled volumes give
-    the same class distribution, near 0 where they disagree (r = ``sharpness`` = 1000 in the paper).
+    similarity m (B_u, J, K, *G); present (J, K), J labeled volumes (:func:`local_prototypes` pools the crops of
+    one volume). Returns (B_u, *G) in (0, 1]: 1 where all labeled volumes give the same class distribution, near 0
+    where they disagree (r = ``sharpness`` = 1000 in the paper); exactly 1 with one labeled volume, as in the paper
+    with one labeled image (crops of that volume are not separate j: their disagreement is about crop positions,
+    not about the unlabeled voxel).
 
     The KL needs distributions: q(j) = softmax_c m(j, .) over the classes present in volume j (the paper writes
     KL(m(j) || mbar) on the similarities), qbar = mean_j q(j). No temperature here, unlike the prediction p_cr
@@ -197,11 +270,17 @@ class SemSimLoss(torch.nn.Module):
         num_classes: K, including the background.
         unlabeled_weight, intra_weight, cross_weight: lam_u, lam_intra, lam_cross (paper 0.5, 0.25, 0.25). A weight of
             exactly 0 skips its term, and the outputs only it needs may be absent.
-        confidence_threshold: tau (0.95), on the softmax of the weak view for L_u, on the refined weak prediction
-            for L_intra and on the weak view's prototype prediction for L_cross.
+        confidence_threshold: tau (0.95), on the softmax of the weak view for L_u, on the prediction
+            ``intra_confidence`` names for L_intra and on the weak view's prototype prediction for L_cross.
         affinity_temperature: temperature of the intra-image affinity softmax (:func:`refine_by_affinity`).
         affinity_max_tokens: the affinity grid cap (:func:`cap_grid`), 16^3 = 4096.
-        prototype_grid: N, sub-regions per side for the local prototypes (4).
+        intra_confidence: which prediction L_intra's tau mask is taken on, at full resolution: "weak" (default), the
+            weak view's own softmax p_w, the confidence L_u uses; "refined", the paper's refined p1_w (Eq. 6). The
+            refinement averages p with affinity-weighted neighbours and can only lower max p, so with "refined"
+            thin or small structures rarely pass tau (see :meth:`intra_term`).
+        prototype_grid: N, sub-regions per side for the local prototypes: 1 (default), global class prototypes per
+            labeled volume, for random 3D crops, whose region n holds different anatomy in every crop; the paper's
+            4 for whole, roughly aligned 2D slices.
         prototype_temperature: T of the cross-image prediction (:func:`prototype_logits`).
         uncertainty_sharpness: r of the uncertainty weight (1000), on untempered similarities.
 
@@ -211,16 +290,24 @@ class SemSimLoss(torch.nn.Module):
     - "weak", "strong1" (B_u, K, *S) logits, "mix1" (B_u, 1, *S), "partner" (B_u,): for L_u and L_intra; "fp"
       (B_u, K, *S), the feature-perturbed weak pass, joins L_u when present;
     - "features_weak", "features_strong1" (B_u, D, *G): for L_intra;
-    - "features_labeled" (B_l, D, *G), "features_weak", "features_strong2" (B_u, D, *G), "mix2": for L_cross.
+    - "features_labeled" (B_l, D, *G), "features_weak", "features_strong2" (B_u, D, *G), "mix2": for L_cross;
+      "labeled_source" (B_l,), the source volume of each labeled crop, when present (:func:`local_prototypes`).
+
+    The whole loss runs in float32 with autocast off (under the trainer's AMP its inputs may be half precision).
 
     After each call ``terms`` holds the detached "supervised", "unlabeled", "intra", "cross" (those computed),
-    "total" and, with L_u, "confident_fraction" (weak-view voxels with max p_w >= tau).
+    "total" and, with L_u, "confident_fraction" (weak-view voxels with max p_w >= tau): the same ``terms`` interface
+    as the template's ``RegularisedLoss``, which ``LossTermsHandler`` logs as ``train_<term>``.
+
+    SemSim is not a regulariser of ``RegularisedLoss`` and does not stack with the other methods: its terms need the
+    semi-supervised training step (labelled and unlabelled batches, weak and strong views, CutMix, the fusion module
+    and the Eq. 19 halving of the whole sum), which replaces the template's ``network``, ``loss`` and ``train``.
     """
 
     def __init__(self, num_classes: int, unlabeled_weight: float = 0.5, intra_weight: float = 0.25,
                  cross_weight: float = 0.25, confidence_threshold: float = 0.95, affinity_temperature: float = 0.1,
-                 affinity_max_tokens: int = 4096, prototype_grid: int = 4, prototype_temperature: float = 0.1,
-                 uncertainty_sharpness: float = 1000.0) -> None:
+                 affinity_max_tokens: int = 4096, prototype_grid: int = 1, prototype_temperature: float = 0.1,
+                 uncertainty_sharpness: float = 1000.0, intra_confidence: str = "weak") -> None:
         super().__init__()
         weights = {"unlabeled_weight": unlabeled_weight, "intra_weight": intra_weight, "cross_weight": cross_weight}
         if any(w < 0 for w in weights.values()):
@@ -233,7 +320,10 @@ class SemSimLoss(torch.nn.Module):
         if affinity_max_tokens < 1 or prototype_grid < 1:
             raise ValueError(f"affinity_max_tokens and prototype_grid must be >= 1, got {affinity_max_tokens} "
                              f"and {prototype_grid}")
+        if intra_confidence not in ("weak", "refined"):
+            raise ValueError(f"intra_confidence must be 'weak' or 'refined', got {intra_confidence!r}")
         self.num_classes = num_classes
+        self.intra_confidence = intra_confidence
         self.unlabeled_weight, self.intra_weight, self.cross_weight = unlabeled_weight, intra_weight, cross_weight
         self.confidence_threshold = confidence_threshold
         self.affinity_temperature, self.affinity_max_tokens = affinity_temperature, affinity_max_tokens
@@ -244,6 +334,10 @@ class SemSimLoss(torch.nn.Module):
         self.terms: dict[str, torch.Tensor] = {}
 
     def forward(self, outputs: Mapping[str, torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+        with _fp32(outputs["labeled"].device):
+            return self._forward(outputs, label)
+
+    def _forward(self, outputs: Mapping[str, torch.Tensor], label: torch.Tensor) -> torch.Tensor:
         terms = {"supervised": self.supervised_loss(outputs["labeled"].float(), label)}
         total = terms["supervised"]
         if self.unlabeled_weight or self.intra_weight:
@@ -265,7 +359,7 @@ class SemSimLoss(torch.nn.Module):
                      "cross_weight > 0")
             terms["cross"] = self.cross_term(outputs["features_labeled"].float(), label,
                                              outputs["features_weak"].float(), outputs["features_strong2"].float(),
-                                             outputs["mix2"], outputs["partner"])
+                                             outputs["mix2"], outputs["partner"], outputs.get("labeled_source"))
             total = total + self.cross_weight * terms["cross"]
         total = total / 2  # Eq. 19
         terms["total"] = total
@@ -290,31 +384,40 @@ class SemSimLoss(torch.nn.Module):
 
     def intra_term(self, p_weak: torch.Tensor, p_strong1: torch.Tensor, features_weak: torch.Tensor,
                    features_strong1: torch.Tensor, mix: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
-        """Eq. 6: L_intra = masked Dice(p_in, one-hot argmax p1_w, 1(max p1_w >= tau)) on the capped affinity grid.
+        """Eq. 6: L_intra = Dice(p_in, one-hot argmax p1_w) over the voxels passing tau, at full resolution.
 
-        p_weak (detached), p_strong1 (B_u, K, *S); features (B_u, D, *G); mix (B_u, 1, *S); partner (B_u,).
-        p1_w = refine(I(p_w), f_w) is the detached target, p_in = refine(I(p_s1), f_s1) carries the gradient into
-        the strong logits and the strong features. The weak view is not mixed, so its target and mask are CutMixed
-        like strong view 1, with the mix mask pooled to the grid.
+        p_weak (detached), p_strong1 (B_u, K, *S) probabilities; features (B_u, D, *G); mix (B_u, 1, *S); partner
+        (B_u,). p1_w = refine(p_w, f_w) is the detached target, p_in = refine(p_s1, f_s1) carries the gradient into
+        the strong logits and the strong features (:func:`refine_by_affinity`: the affinity on the feature grid
+        capped at ``affinity_max_tokens``, the propagated term upsampled and added to the full-resolution p). The
+        weak view is not mixed, so its target and mask are CutMixed like strong view 1, on the image grid.
+
+        Departures, each because the paper's form leaves the term at a constant in 3D (measured: only background
+        passed tau and the loss sat at 2/3 with gradients of 1e-7 on the foreground classes):
+
+        - the mask 1(max p >= tau) is taken on the image grid, from p_w by default (``intra_confidence``), not on
+          a pooled p1_w: averaging (pooling, refinement) only lowers max p, so thin structures never passed;
+        - the Dice is :func:`present_class_dice`: batch-level sums, classes absent from the masked target left out.
         """
         grid = cap_grid(features_weak.shape[2:], self.affinity_max_tokens)
         with torch.no_grad():
-            p1_weak = refine_by_affinity(pool_to_size(p_weak, grid), pool_to_size(features_weak, grid),
-                                         self.affinity_temperature)
-            confidence, pseudo = p1_weak.max(dim=1, keepdim=True)
-            mix_grid = pool_to_size(mix.float(), grid)
-            target = cutmix_target(pseudo, mix_grid, partner)
-            confident = cutmix_target((confidence >= self.confidence_threshold).float(), mix_grid, partner)
-        p_in = refine_by_affinity(pool_to_size(p_strong1, grid), pool_to_size(features_strong1, grid),
-                                  self.affinity_temperature)
-        return masked_dice(p_in, target, confident)
+            p1_weak = refine_by_affinity(p_weak, pool_to_size(features_weak, grid), self.affinity_temperature)
+            confidence = (p_weak if self.intra_confidence == "weak" else p1_weak).amax(dim=1, keepdim=True)
+            pseudo = p1_weak.argmax(dim=1, keepdim=True)
+            target = cutmix_target(pseudo, mix, partner)
+            confident = cutmix_target((confidence >= self.confidence_threshold).float(), mix, partner)
+        p_in = refine_by_affinity(p_strong1, pool_to_size(features_strong1, grid), self.affinity_temperature)
+        return present_class_dice(p_in, target, confident)
 
     def cross_term(self, features_labeled: torch.Tensor, label: torch.Tensor, features_weak: torch.Tensor,
-                   features_strong2: torch.Tensor, mix: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
+                   features_strong2: torch.Tensor, mix: torch.Tensor, partner: torch.Tensor,
+                   groups: torch.Tensor | None = None) -> torch.Tensor:
         """Eq. 13: L_cross = mean over voxels of 1(max p2_w >= tau) * Ubar * CE(p_cr(strong 2), argmax p2_w).
 
         features_labeled (B_l, D, *G) with the labels (B_l, 1, *S) resized to G; features_weak, features_strong2
-        (B_u, D, *G); mix (B_u, 1, *S) for strong view 2; partner (B_u,).
+        (B_u, D, *G); mix (B_u, 1, *S) for strong view 2; partner (B_u,); groups (B_l,) the source volume of each
+        labeled crop, or None (each crop its own volume). Prototypes (Eqs. 7-8) and Ubar (Eqs. 10-12) are per
+        labeled volume (:func:`local_prototypes`), global per class with the default N = 1.
 
         Gradient flows into the strong-view-2 features and, through the prototypes, into the labeled features (the
         same forward pass, not a second no-grad one). p2_w (from detached prototypes) and Ubar are detached. Masked
@@ -324,7 +427,8 @@ class SemSimLoss(torch.nn.Module):
         # nearest-exact: the label at each cell's centre (plain "nearest" takes its first corner); a plain tensor,
         # as the MetaTensor's metadata has no meaning on the feature grid
         label_grid = F.interpolate(label.as_subclass(torch.Tensor).float(), size=grid, mode="nearest-exact").long()
-        prototypes, present = local_prototypes(features_labeled, label_grid, self.num_classes, self.prototype_grid)
+        prototypes, present = local_prototypes(features_labeled, label_grid, self.num_classes, self.prototype_grid,
+                                               groups)
         with torch.no_grad():
             similarity_weak = prototype_similarity(features_weak, prototypes.detach(), self.prototype_grid)
             confidence, pseudo = prototype_logits(similarity_weak, present, self.prototype_temperature).exp().max(

@@ -1,11 +1,13 @@
 """SegResNet with VAE regularisation (Myronenko, "3D MRI brain tumor segmentation using autoencoder
-regularization", BraTS 2018, arXiv 1810.11654): the network's taps and the paper's loss.
+regularization", BraTS 2018, arXiv 1810.11654): the network's training outputs and the paper's VAE terms.
 
 MONAI's :class:`monai.networks.nets.SegResNetVAE` returns one merged ``vae_loss`` with weights 1 and 1 and a KL
 averaged over the latent dimensions. The paper weights the L2 and KL terms by 0.1 each and normalises the KL by
-the number of image voxels. To log and weight the terms separately, :class:`SegResNetVAE` taps the latent mean,
-the latent standard deviation and the reconstruction with forward hooks on MONAI's own modules, and
-:class:`SegResNetVAELoss` computes the paper's terms from them.
+the number of image voxels. To log and weight the terms separately, :class:`SegResNetVAE` returns the latent mean,
+the latent standard deviation and the reconstruction (:class:`VAEOutputs`) beside the logits, and
+:class:`VAERegulariser` computes the paper's two terms from them for the template's ``RegularisedLoss``, which
+weights each by its own weight (``l2_weight``, ``kl_weight``) and adds them to the segmentation loss (``seg_loss``:
+the paper's soft Dice).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss
 from monai.networks import nets
 from monai.transforms import (
     Compose,
@@ -26,7 +27,6 @@ from monai.transforms import (
 )
 
 from .backbones import required_divisor
-from .feature_taps import FeatureTaps
 
 
 class VAEOutputs(NamedTuple):
@@ -50,14 +50,28 @@ class SegResNetVAE(nets.SegResNetVAE):
       ``(logits, None)``, MONAI issue 2927). The VAE branch does not run, so the cost is a plain SegResNet's.
 
     Arguments are those of MONAI's class. ``input_image_size`` must equal the training crop: the VAE's dense
-    layers are sized from it.
+    layers are sized from it. With ``vae_estimate_std=False`` the latent sigma is the constant ``vae_default_std``
+    and the layer that would estimate it, ``vae_fc2``, is not kept: MONAI builds it anyway and never uses it, and
+    DistributedDataParallel (without ``find_unused_parameters``) fails on a parameter that gets no gradient. A
+    checkpoint of this network from before holds ``vae_fc2`` weights that were never trained; they are ignored.
+
+    ``vae_branch=False`` (the config sets it when both VAE weights are 0: the plain SegResNet baseline) keeps no VAE
+    module at all, for the same reason: the training forward returns the logits alone, and the state dict is a
+    SegResNet's.
     """
 
-    def __init__(self, input_image_size: Sequence[int], **kwargs) -> None:
+    def __init__(self, input_image_size: Sequence[int], vae_branch: bool = True, **kwargs) -> None:
         super().__init__(input_image_size=input_image_size, **kwargs)
         self._segresnet_kwargs = {k: v for k, v in kwargs.items() if not k.startswith("vae_")}
-        # mu, the pre-softplus sigma and the reconstruction; the VAE branch runs in training mode only
-        self._taps = FeatureTaps(self, ["vae_fc1", "vae_fc2", "vae_conv_final"], training_only=False)
+        self.vae_branch_enabled = vae_branch
+        unused = [] if vae_branch else [n for n in _VAE_MODULES if n != "vae_fc2"]
+        if not self.vae_estimate_std or not vae_branch:
+            unused.append("vae_fc2")  # sigma is vae_default_std (see the class docstring)
+        for name in unused:
+            setattr(self, name, None)
+        self._unused_modules = tuple(unused)
+        if unused:
+            self._register_load_state_dict_pre_hook(self._drop_unused_modules)
 
     def segmentation_network(self) -> nets.SegResNet:
         """A plain SegResNet that shares this network's segmentation modules (no copy).
@@ -82,16 +96,45 @@ class SegResNetVAE(nets.SegResNetVAE):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def forward(self, x: torch.Tensor):
-        logits, _ = super().forward(x)
         if not self.training:
-            return logits
-        taps = self._taps.pop(strict=False)  # vae_fc2 runs only when sigma is estimated
-        mu = taps["vae_fc1"]
+            return nets.SegResNet.forward(self, x)
+        if not self.vae_branch_enabled:
+            return nets.SegResNet.forward(self, x)
+        encoded, down_x = self.encode(x)
+        down_x.reverse()
+        # The VAE branch first: its decoder re-runs the segmentation decoder's up_samples and up_layers (MONAI shares
+        # them), so forward hooks on those modules (SelfReg's feature taps, stacked on this network) keep the
+        # segmentation pass, which runs last. Nothing in the decoder is random, so the order changes no value.
+        outputs = self.vae_branch(x, encoded)
+        return self.decode(encoded, down_x), outputs
+
+    def vae_branch(self, image: torch.Tensor, encoded: torch.Tensor) -> VAEOutputs:
+        """MONAI's ``SegResNetVAE._get_vae_loss`` up to the reconstruction, keeping mu, sigma and the reconstruction
+        instead of merging them into one loss (a test checks it against MONAI's loss)."""
+        x = self.vae_down(encoded).view(-1, self.vae_fc1.in_features)
+        mu = self.vae_fc1(x)
         if self.vae_estimate_std:
-            sigma = F.softplus(taps["vae_fc2"])  # as MONAI's _get_vae_loss does
+            sigma = F.softplus(self.vae_fc2(x))
         else:
             sigma = torch.full_like(mu, self.vae_default_std)
-        return logits, VAEOutputs(image=x, reconstruction=taps["vae_conv_final"], mu=mu, sigma=sigma)
+        z = mu + sigma * torch.randn_like(mu)
+        x = self.act_mod(self.vae_fc3(z)).view([-1, self.smallest_filters, *self.fc_insize])
+        x = self.vae_fc_up_sample(x)
+        for up, upl in zip(self.up_samples, self.up_layers):
+            x = upl(up(x))
+        return VAEOutputs(image=image, reconstruction=self.vae_conv_final(x), mu=mu, sigma=sigma)
+
+    def _drop_unused_modules(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        """Drop the weights of modules this network does not keep (``vae_fc2``, never trained with a constant sigma)
+        from a checkpoint written before. A load-time pre-hook, so that it also runs through a DDP wrapper's load."""
+        unused = tuple(f"{prefix}{name}." for name in self._unused_modules)
+        for key in [k for k in state_dict if k.startswith(unused)]:
+            del state_dict[key]
+
+
+_VAE_MODULES = ("vae_down", "vae_fc1", "vae_fc2", "vae_fc3", "vae_fc_up_sample", "vae_conv_final")
 
 
 def vae_l2(outputs: VAEOutputs) -> torch.Tensor:
@@ -109,38 +152,22 @@ def vae_kl(outputs: VAEOutputs, eps: float = 1e-8) -> torch.Tensor:
     return per_sample.mean() / num_voxels
 
 
-class SegResNetVAELoss(torch.nn.Module):
-    """Paper Eq. (1): L = L_dice + l2_weight * L_L2 + kl_weight * L_KL (paper weights 0.1 and 0.1).
+class VAERegulariser(torch.nn.Module):
+    """The paper's VAE terms as a regulariser of :class:`scripts.losses.RegularisedLoss`: ``{"l2": L_L2, "kl":
+    L_KL}`` (Eqs. 2-3) from the :class:`VAEOutputs` that :class:`SegResNetVAE` returns beside the logits in training.
 
-    Args:
-        seg_loss: the segmentation term. Default: soft Dice with squared denominators (the paper's L_dice),
-            softmax over classes and one-hot labels; the paper's sigmoid over nested tumour regions is
-            ``DiceLoss(sigmoid=True, squared_pred=True)``.
-        l2_weight, kl_weight: weights of the VAE terms. Both 0 gives the plain SegResNet objective.
-
-    ``forward(pred, label)`` takes the network's training output ``(logits, VAEOutputs)``, or plain logits (a
-    SegResNet baseline), and a label of shape (B, 1, *S). After each call ``terms`` holds the detached values
-    ``dice``, ``l2``, ``kl`` and ``total`` for logging.
+    The paper weights the two terms separately (Eq. 1: L = L_dice + 0.1 L_L2 + 0.1 L_KL), so the config gives this
+    regulariser one weight per term, ``"regulariser_weights#vae": {"l2": "@l2_weight", "kl": "@kl_weight"}``; they
+    are logged as ``vae_l2`` and ``vae_kl``.
     """
 
-    def __init__(self, seg_loss: torch.nn.Module | None = None, l2_weight: float = 0.1, kl_weight: float = 0.1):
-        super().__init__()
-        self.seg_loss = seg_loss if seg_loss is not None else DiceLoss(to_onehot_y=True, softmax=True, squared_pred=True)
-        self.l2_weight = l2_weight
-        self.kl_weight = kl_weight
-        self.terms: dict[str, torch.Tensor] = {}
-
-    def forward(self, pred: torch.Tensor | tuple[torch.Tensor, VAEOutputs], label: torch.Tensor) -> torch.Tensor:
-        logits, outputs = (pred, None) if isinstance(pred, torch.Tensor) else pred
-        dice = self.seg_loss(logits, label)
-        terms = {"dice": dice}
-        total = dice
-        if outputs is not None:
-            terms["l2"], terms["kl"] = vae_l2(outputs), vae_kl(outputs)
-            total = total + self.l2_weight * terms["l2"] + self.kl_weight * terms["kl"]
-        terms["total"] = total
-        self.terms = {name: value.detach() for name, value in terms.items()}
-        return total
+    def forward(self, logits: torch.Tensor, label: torch.Tensor, extras: VAEOutputs | None) -> dict[str, torch.Tensor]:
+        if not isinstance(extras, VAEOutputs):
+            raise TypeError(
+                "the VAE regulariser needs the training output (logits, VAEOutputs) of "
+                f"scripts.vae.SegResNetVAE as network_def, got extras of type {type(extras).__name__}"
+            )
+        return {"l2": vae_l2(extras), "kl": vae_kl(extras)}
 
 
 _RANDOM_CROPS = (RandCropByPosNegLabeld, RandSpatialCropd, RandCropByLabelClassesd, RandSpatialCropSamplesd)

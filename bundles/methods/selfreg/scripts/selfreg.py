@@ -10,7 +10,9 @@ The paper adds two feature regularisers to the segmentation loss L_cd:
   channels ranked by their spatially L2-normalised mean; the top half is pulled towards the bottom half;
 
 and trains with L = L_cd + lambda * (L_SCR + L_IFD) (one lambda for both terms, as in the authors' code; 0.015 is
-the paper's best). The normalisation follows the authors' ``KDloss`` (seeds 001/003): a mean over the maps of each
+the paper's best). :class:`SelfRegRegulariser` returns the two terms to the template's ``RegularisedLoss``, which
+adds them, weighted by ``selfreg_weight``, to the segmentation loss L_cd (``seg_loss``, DiceCE 0.4/0.6).
+The normalisation follows the authors' ``KDloss`` (seeds 001/003): a mean over the maps of each
 group (encoder or decoder, first or last block of a stage), summed over groups.
 
 Features are read by forward hooks on named modules of an unmodified MONAI network (:class:`FeatureTaps`), so the
@@ -25,7 +27,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
 from monai.networks import nets
 
 from .backbones import unwrap
@@ -75,9 +76,10 @@ class TapLayout:
 def default_layout(network: torch.nn.Module) -> TapLayout:
     """The tap layout of a MONAI SegResNet, UNet or SwinUNETR, read from the network's own structure.
 
-    - SegResNet: encoder stages ``down_layers.i`` (first ResBlock ``down_layers.i.1``, last = the stage output),
-      decoder stages ``up_layers.i`` but the last; teacher ``up_layers.{-1}`` (init_filters @ full resolution, the
-      input of ``conv_final``).
+    - SegResNet (and its subclass SegResNetVAE, whose VAE branch adds modules but no stage): encoder stages
+      ``down_layers.i`` (first ResBlock ``down_layers.i.1``, last = the stage output), decoder stages
+      ``up_layers.i`` but the last; teacher ``up_layers.{-1}`` (init_filters @ full resolution, the input of
+      ``conv_final``).
     - UNet: encoder stages are the down ResidualUnits and the bottom unit (first = ``conv.unit0``, last = the unit's
       output); decoder stages are the up blocks (first = the transposed convolution ``.0``, last = the block's
       output) below the last one. Teacher: the last decoder block before the output block, ``model.1.submodule.2``
@@ -111,8 +113,12 @@ def default_layout(network: torch.nn.Module) -> TapLayout:
             if len(blocks) > 1:
                 encoder["first"].append(f"swinViT.layers{k}.0.blocks.0")
         decoder = {"last": [f"decoder{k}" for k in (5, 4, 3, 2)]}
-        return TapLayout(teacher="decoder1", encoder=encoder, decoder=decoder,
-                         channels_last=frozenset(encoder["first"] + encoder["last"]))
+        return TapLayout(
+            teacher="decoder1",
+            encoder=encoder,
+            decoder=decoder,
+            channels_last=frozenset(encoder["first"] + encoder["last"]),
+        )
     raise TypeError(
         f"no default SelfReg tap layout for {type(network).__name__}: give selfreg_layout in the config "
         "(teacher, encoder and decoder module names from network.named_modules())"
@@ -148,8 +154,12 @@ class SelfRegTaps(FeatureTaps):
             :func:`default_layout`.
     """
 
-    def __init__(self, network: torch.nn.Module, blocks: Sequence[BlockPosition] = ("first", "last"),
-                 layout: TapLayout | Mapping | None = None) -> None:
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        blocks: Sequence[BlockPosition] = ("first", "last"),
+        layout: TapLayout | Mapping | None = None,
+    ) -> None:
         network = unwrap(network)
         if not blocks or set(blocks) - {"first", "last"}:
             raise ValueError(f"selfreg_blocks must be a non-empty subset of ['first', 'last'], got {list(blocks)}")
@@ -170,15 +180,18 @@ def internal_feature_distillation(feature: torch.Tensor) -> torch.Tensor:
     """
     c = feature.shape[1]
     if c < 2:
-        raise ValueError(f"internal feature distillation needs at least 2 channels, got a map of shape {list(feature.shape)}")
+        raise ValueError(
+            f"internal feature distillation needs at least 2 channels, got a map of shape {list(feature.shape)}"
+        )
     score = F.normalize(feature.flatten(2), p=2, dim=2).mean(dim=(0, 2))
     order = torch.argsort(score, descending=True)
     half = c // 2
-    return _mean_squared_difference(feature[:, order[:half]], feature[:, order[c - half:]])
+    return _mean_squared_difference(feature[:, order[:half]], feature[:, order[c - half :]])
 
 
-def semantic_consistency(student: torch.Tensor, teacher: torch.Tensor,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+def semantic_consistency(
+    student: torch.Tensor, teacher: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """L_SCR of one student map (B, C_s, *S_s) against the teacher (B, C_t, *S_t), already pooled or not.
 
     The larger map is adaptive-average-pooled to the smaller one's size (in practice the full-resolution teacher
@@ -203,8 +216,12 @@ def _mean_squared_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).square().mean()
 
 
-def selfreg_terms(features: Mapping[str, torch.Tensor], layout: TapLayout, blocks: Sequence[str] = ("first", "last"),
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def selfreg_terms(
+    features: Mapping[str, torch.Tensor],
+    layout: TapLayout,
+    blocks: Sequence[str] = ("first", "last"),
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(L_SCR, L_IFD) of one forward pass, normalised as the authors' KDloss.forward:
 
     L_IFD = sum over block positions b of [mean_{encoder maps at b} IFD + mean_{decoder maps at b} IFD];
@@ -234,32 +251,28 @@ def selfreg_terms(features: Mapping[str, torch.Tensor], layout: TapLayout, block
     return scr, ifd
 
 
-class SelfRegLoss(torch.nn.Module):
-    """L = ce_weight * CE + dice_weight * Dice + selfreg_weight * (L_SCR + L_IFD).
+class SelfRegRegulariser(torch.nn.Module):
+    """SelfReg's terms as a regulariser of :class:`scripts.losses.RegularisedLoss`: ``{"scr": L_SCR, "ifd": L_IFD}``,
+    weighted there by one lambda (``selfreg_weight``) for both, as the paper and the authors' code do:
+    L = L_cd + lambda * (L_SCR + L_IFD).
 
     Args:
-        taps: the :class:`SelfRegTaps` on the trained network; None, like ``selfreg_weight=0``, gives the plain
-            segmentation loss (the baseline), computing nothing else.
-        selfreg_weight: lambda, one weight for both terms (paper's best 0.015).
-        ce_weight, dice_weight: the segmentation loss L_cd (Synapse recipe 0.4 and 0.6).
+        taps: the :class:`SelfRegTaps` on the trained network.
         channel_selection: "random" (the paper's RCS, drawn anew at every call from a generator on the features'
             device seeded with ``seed``) or "first" (the first min(C_s, C_t) channels, deterministic).
+        seed: seed of the random channel selection.
 
-    ``forward(logits, label)`` takes logits (B, K, *S) and labels (B, 1, *S). After each call ``terms`` holds the
-    detached ``seg``, ``scr``, ``ifd`` and ``total`` for logging.
+    ``forward(logits, label, extras)`` reads the features of the last training forward pass from the taps; the
+    arguments are not used (the segmentation loss is RegularisedLoss's).
     """
 
-    def __init__(self, taps: SelfRegTaps | None, selfreg_weight: float = 0.015, ce_weight: float = 0.4,
-                 dice_weight: float = 0.6, channel_selection: ChannelSelection = "random", seed: int = 0) -> None:
+    def __init__(self, taps: SelfRegTaps, channel_selection: ChannelSelection = "random", seed: int = 0) -> None:
         super().__init__()
         if channel_selection not in ("random", "first"):
             raise ValueError(f"selfreg_channel_selection must be 'random' or 'first', got {channel_selection!r}")
-        self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=ce_weight, lambda_dice=dice_weight)
-        self.taps = taps if selfreg_weight else None
-        self.selfreg_weight = selfreg_weight
+        self.taps = taps
         self.channel_selection, self.seed = channel_selection, seed
         self._generators: dict[torch.device, torch.Generator] = {}
-        self.terms: dict[str, torch.Tensor] = {}
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         """The random-channel generator on ``device``, seeded with ``seed`` when first used; None in "first" mode."""
@@ -269,14 +282,6 @@ class SelfRegLoss(torch.nn.Module):
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
 
-    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        seg = self.seg_loss(logits, label)
-        terms = {"seg": seg}
-        total = seg
-        if self.taps is not None:
-            terms["scr"], terms["ifd"] = selfreg_terms(self.taps.pop(), self.taps.layout, self.taps.blocks,
-                                                       self.generator(logits.device))
-            total = seg + self.selfreg_weight * (terms["scr"] + terms["ifd"])
-        terms["total"] = total
-        self.terms = {name: value.detach() for name, value in terms.items()}
-        return total
+    def forward(self, logits: torch.Tensor, label: torch.Tensor, extras: object = None) -> dict[str, torch.Tensor]:
+        scr, ifd = selfreg_terms(self.taps.pop(), self.taps.layout, self.taps.blocks, self.generator(logits.device))
+        return {"scr": scr, "ifd": ifd}

@@ -110,15 +110,23 @@ def check_fusion_roi(network: torch.nn.Module, roi_size: Sequence[int], window_s
 def perturbed_stages(network: torch.nn.Module) -> list[str]:
     """The modules whose outputs the feature-perturbation pass drops channels of: every encoder feature the
     decoder reads. For SwinUNETR that is the image stem ``encoder1`` and ``swinViT``'s hidden states (before the
-    residual encoder blocks, so the raw fourth state the decoder also reads is perturbed too)."""
+    residual encoder blocks, so the raw fourth state the decoder also reads is perturbed too). The encoder itself
+    computes from clean features (:class:`ChannelDropout`)."""
     if isinstance(unwrap(network), nets.SwinUNETR):
         return ["encoder1", "swinViT"]
     return [name for name, _ in encoder_stages(network)]
 
 
 class ChannelDropout:
-    """Forward hooks that replace the outputs of named modules by channel dropout (probability ``p``, the
-    UniMatch feature perturbation ``nn.Dropout2d(0.5)``), active only inside ``with hooks.active():``.
+    """UniMatch's feature perturbation (``nn.Dropout2d(0.5)`` on the encoder features handed to the decoder) by
+    forward hooks on named encoder stages, active only inside ``with hooks.active():``.
+
+    A stage's output is replaced by a copy with whole channels dropped (probability ``p``, survivors scaled by
+    1 / (1 - p)) for its consumers in the decoder, while the encoder runs clean: a forward pre-hook on each named
+    stage swaps a dropped input back for the clean tensor it was made from, so the next stage computes from the
+    undropped features, as in UniMatch, where the decoder gets dropped copies of a clean encoder pass. (Replacing
+    every stage's output alone would compound: deeper stages would compute from dropped inputs.) This needs the
+    encoder's consumer of a stage's output to be the next named stage, as in :func:`perturbed_stages`.
 
     A module that returns a list or tuple of maps (SwinUNETR's ``swinViT``) has each map dropped.
     """
@@ -131,12 +139,18 @@ class ChannelDropout:
         if missing:
             raise ValueError(f"perturbed stages {missing} are not modules of {type(unwrap(network)).__name__}")
         self.p, self._active = p, False
-        self._handles = [modules[name].register_forward_hook(self._hook) for name in names]
+        self._clean: list[tuple[torch.Tensor, torch.Tensor]] = []  # (dropped copy, clean original) of this pass
+        self._handles = []
+        for name in dict.fromkeys(names):
+            self._handles.append(modules[name].register_forward_pre_hook(self._restore))
+            self._handles.append(modules[name].register_forward_hook(self._hook))
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         # (B, C, *S) -> (B, C, 1, ...) mask: whole channels are dropped, the survivors scaled by 1 / (1 - p)
         keep = torch.rand(x.shape[:2] + (1,) * (x.dim() - 2), device=x.device) >= self.p
-        return x * keep.to(x.dtype) / (1 - self.p)
+        dropped = x * keep.to(x.dtype) / (1 - self.p)
+        self._clean.append((dropped, x))
+        return dropped
 
     def _hook(self, module: torch.nn.Module, args: tuple, output):
         if not self._active:
@@ -145,13 +159,19 @@ class ChannelDropout:
             return type(output)(self._drop(o) for o in output)
         return self._drop(output)
 
+    def _restore(self, module: torch.nn.Module, args: tuple):
+        if not self._active or not self._clean:
+            return None
+        restored = tuple(next((clean for dropped, clean in self._clean if a is dropped), a) for a in args)
+        return restored if any(r is not a for r, a in zip(restored, args)) else None
+
     @contextmanager
     def active(self):
         self._active = True
         try:
             yield
         finally:
-            self._active = False
+            self._active, self._clean = False, []
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -164,7 +184,10 @@ def cutmix_masks(shape: Sequence[int], probability: float = 0.5, volume: tuple[f
     """Random CutMix boxes as float masks (B, 1, *S), 1 inside the box.
 
     UniMatch's box, in d dimensions: with ``probability`` per volume, a box of ``volume`` fraction U(0.02, 0.4) of the
-    crop whose edge ratios are log-uniform in ``aspect`` (0.3 ... 3.3), at a uniform position, clipped to the crop.
+    crop, at a uniform position, clipped to the crop (which can only shrink it and bring its edges closer to equal).
+    Its edges are e * exp(u_i - mean(u)), u_i ~ U(log(aspect) / 2) independently, so the ratio of any two edges lies
+    in ``aspect`` (0.3 ... 3.3 when aspect[0] * aspect[1] = 1; UniMatch's 2D range of h / w) and their product is
+    e^d, the box volume. (Drawing u_i in the whole of log(aspect) would give edge ratios up to 3.3^2 = 11.)
     """
     batch, spatial = shape[0], [int(s) for s in shape[2:]]
     masks = torch.zeros(batch, 1, *spatial)
@@ -172,7 +195,8 @@ def cutmix_masks(shape: Sequence[int], probability: float = 0.5, volume: tuple[f
         if torch.rand((), generator=generator) >= probability:
             continue
         fraction = volume[0] + (volume[1] - volume[0]) * torch.rand((), generator=generator).item()
-        log_ratios = torch.empty(len(spatial)).uniform_(math.log(aspect[0]), math.log(aspect[1]), generator=generator)
+        log_ratios = torch.empty(len(spatial)).uniform_(math.log(aspect[0]) / 2, math.log(aspect[1]) / 2,
+                                                        generator=generator)
         log_ratios -= log_ratios.mean()  # edge ratios whose product is 1, so the box keeps its volume
         edge = (fraction * math.prod(spatial)) ** (1 / len(spatial))
         box = []
@@ -191,7 +215,9 @@ class SemiSupervisedBatch:
     "unlabeled_image" (B_u, C, *S) and the strong views "unlabeled_strong1"/"unlabeled_strong2", each with a box
     pasted from its partner volume with ``cutmix_probability`` (Sec. IV-B: colour transformation and CutMix);
     "mix1"/"mix2" (B_u, 1, *S) are those boxes and "partner" (B_u,) the partner of each volume, the next one in the
-    batch, so the loss can mix the pseudo-labels the same way. ``label`` is (B_l, 1, *S).
+    batch, so the loss can mix the pseudo-labels the same way; "labeled_source" (B_l,) the source volume of each
+    labeled crop (crops with the same ``filename_or_obj`` share an id; without that metadata every crop is its own),
+    which the cross-image term pools its prototypes by. ``label`` is (B_l, 1, *S).
     """
 
     def __init__(self, cutmix_probability: float = 0.5, seed: int = 0) -> None:
@@ -205,6 +231,7 @@ class SemiSupervisedBatch:
 
         inputs = {"image": move("image")}
         if UNLABELED_KEYS[0] in batchdata:
+            inputs["labeled_source"] = labeled_sources(batchdata["image"]).to(device)
             inputs.update({key: move(key) for key in UNLABELED_KEYS})
             batch = inputs["unlabeled_image"].shape[0]
             if batch < 2 and self.cutmix_probability > 0:
@@ -217,6 +244,17 @@ class SemiSupervisedBatch:
                 inputs[view] = torch.lerp(inputs[view], inputs[view][inputs["partner"]], box)
                 inputs[mix] = box
         return inputs, move("label")
+
+
+def labeled_sources(image: torch.Tensor) -> torch.Tensor:
+    """(B,) ids of the source volume of each crop of a collated batch: equal ``filename_or_obj`` metadata, equal id
+    (numbered by first appearance); ``torch.arange(B)`` when the batch carries no such metadata."""
+    batch = image.shape[0]
+    names = getattr(image, "meta", {}).get("filename_or_obj")
+    if isinstance(names, (list, tuple)) and len(names) == batch and all(isinstance(n, str) and n for n in names):
+        ids = {}
+        return torch.tensor([ids.setdefault(name, len(ids)) for name in names])
+    return torch.arange(batch)
 
 
 class _EncoderDone(Exception):
@@ -235,11 +273,13 @@ class SemSimNetwork(torch.nn.Module):
        "features_strong2" only: the paper's x_s2 serves only the cross-image term (Table VI), which reads SFM
        features, so its pass ends at the deepest fused encoder stage (a forward hook stops it) and the rest of the
        encoder and the decoder are not run;
-    3. with ``feature_perturbation``, the weak view again with channel dropout on every encoder feature: "fp".
+    3. with ``feature_perturbation``, the weak view again with channel dropout on every encoder feature the
+       decoder reads, from a clean encoder pass (:class:`ChannelDropout`): "fp".
 
     Passes a term does not need are skipped: without unlabeled data (supervised-only) only pass 1's labeled part
     runs; without ``sfm`` (L_intra and L_cross weighted 0: FixMatch) there are no features and no strong view 2.
-    "mix1", "mix2" and "partner" are passed through.
+    "mix1", "mix2", "partner" and "labeled_source" (when present) are passed through. ``remove_hooks()`` detaches
+    every forward hook the module put on the backbone.
 
     Args:
         backbone: the segmentation network (its ``state_dict`` is the bundle's model).
@@ -317,4 +357,13 @@ class SemSimNetwork(torch.nn.Module):
             self.taps.pop(strict=False)  # the perturbed pass's features are not used
         for key in ("mix1", "mix2", "partner"):
             out[key] = inputs[key]
+        if "labeled_source" in inputs:
+            out["labeled_source"] = inputs["labeled_source"]
         return out
+
+    def remove_hooks(self) -> None:
+        """Detach the feature taps and the channel-dropout hooks from the backbone (the early-exit hook of the
+        strong-2 pass is removed after every pass)."""
+        for hooks in (self.taps, self.dropout):
+            if hooks is not None:
+                hooks.remove()
