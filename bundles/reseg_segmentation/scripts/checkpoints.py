@@ -109,12 +109,17 @@ class UntrustedCheckpointError(pickle.UnpicklingError):
     """A checkpoint holds objects that only Python code can rebuild, so loading it could run that code."""
 
     def __init__(self, path: str | Path, error: pickle.UnpicklingError) -> None:
-        found = _CODE_REFERENCE.search(str(error))
+        # both arguments go to the base class, so that pickle and copy rebuild the error as it was
+        super().__init__(path, error)
+        self.path, self.error = path, error
+
+    def __str__(self) -> str:
+        found = _CODE_REFERENCE.search(str(self.error))
         needs = f" (it refers to {found.group(1)})" if found and found.group(1) else ""
-        super().__init__(
-            f"{path} is refused: it holds Python objects that need code to load{needs}, and loading it could run "
-            "that code. A checkpoint this bundle saves holds only tensors, numbers and strings; use one you trained "
-            "yourself or from a source you trust, saved as a state dict."
+        return (
+            f"{self.path} is refused: it holds Python objects that need code to load{needs}, and loading it could "
+            "run that code. A checkpoint this bundle saves holds only tensors, numbers and strings; use one you "
+            "trained yourself or from a source you trust, saved as a state dict."
         )
 
 

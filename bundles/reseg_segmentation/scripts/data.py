@@ -145,11 +145,15 @@ def check_output_dir(output_dir: str, inputs: Sequence[dict], key: str = "image"
     Predictions go into their own folder so that no input folder is ever written. Returns ``output_dir``.
     """
     if not inputs:
-        raise ValueError("no input images found: check --dataset_dir (inference reads <dataset_dir>/imagesTs) or --datalist")
+        raise ValueError(
+            "no input images found: check --dataset_dir (inference reads <dataset_dir>/imagesTs) or --datalist"
+        )
     out = os.path.realpath(output_dir)
     input_dirs = {os.path.dirname(os.path.realpath(str(item[key]))) for item in inputs}
     if out in input_dirs:
-        raise ValueError(f"output_dir {output_dir} is an input folder: choose another --output_dir so inputs stay untouched")
+        raise ValueError(
+            f"output_dir {output_dir} is an input folder: choose another --output_dir so inputs stay untouched"
+        )
     inside = sorted(d for d in input_dirs if os.path.commonpath([out, d]) == d)
     if inside:
         raise ValueError(

@@ -28,14 +28,21 @@ class FeatureTaps:
         training_only: store only in training mode with autograd on.
     """
 
-    def __init__(self, network: torch.nn.Module, names: Sequence[str], channels_last: Collection[str] = (),
-                 training_only: bool = True) -> None:
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        names: Sequence[str],
+        channels_last: Collection[str] = (),
+        training_only: bool = True,
+    ) -> None:
         network = unwrap(network)
         modules = dict(network.named_modules())
         missing = [name for name in names if name not in modules]
         if missing:
-            raise ValueError(f"feature taps {missing} are not modules of {type(network).__name__}; "
-                             "names come from network.named_modules()")
+            raise ValueError(
+                f"feature taps {missing} are not modules of {type(network).__name__}; "
+                "names come from network.named_modules()"
+            )
         self.names = list(dict.fromkeys(names))
         self.training_only = training_only
         self._channels_last = frozenset(channels_last)

@@ -137,8 +137,13 @@ class LabelToImageBatch:
         encode_label(torch.zeros(1, 1, 1), num_classes, label_encoding)  # refuse a bad encoding now, not at step 1
         self.num_classes, self.label_encoding = num_classes, label_encoding
 
-    def __call__(self, batchdata: Mapping[str, torch.Tensor], device: str | torch.device | None = None,
-                 non_blocking: bool = False, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self,
+        batchdata: Mapping[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         label = batchdata["label"].to(device=device, non_blocking=non_blocking)
         image = batchdata["image"].to(device=device, non_blocking=non_blocking)
         return encode_label(label, self.num_classes, self.label_encoding), image.as_subclass(torch.Tensor)
@@ -159,8 +164,10 @@ class ReconstructionLoss(torch.nn.Module):
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if pred.shape != target.shape:
-            raise ValueError(f"reconstruction {list(pred.shape)} and image {list(target.shape)} differ: the "
-                             "reconstruction network's out_channels must be the image's in_channels")
+            raise ValueError(
+                f"reconstruction {list(pred.shape)} and image {list(target.shape)} differ: the "
+                "reconstruction network's out_channels must be the image's in_channels"
+            )
         mse, l1 = F.mse_loss(pred, target), F.l1_loss(pred, target)
         total = self.mse_weight * mse + self.l1_weight * l1
         self.terms = {"mse": mse.detach(), "l1": l1.detach(), "total": total.detach()}
@@ -195,8 +202,10 @@ def match_shapes(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Te
     the config; nothing is ever up-sampled, and no projection is learned that could absorb the difference."""
     size = [min(s, t) for s, t in zip(student.shape[2:], teacher.shape[2:])]
     channels = min(student.shape[1], teacher.shape[1])
-    return (_pool_channels(pool_to_size(student, size), channels),
-            _pool_channels(pool_to_size(teacher, size), channels))
+    return (
+        _pool_channels(pool_to_size(student, size), channels),
+        _pool_channels(pool_to_size(teacher, size), channels),
+    )
 
 
 def _check_feature_norm(feature_norm: str) -> FeatureNorm:
@@ -213,9 +222,14 @@ def standardize_channels(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return (x - mean) * torch.rsqrt(variance + eps)
 
 
-def feature_consistency(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor],
-                        pairs: Sequence[Pair], pair_weights: Sequence[float] | None = None,
-                        divisor: float = 3.0, feature_norm: FeatureNorm = "instance") -> torch.Tensor:
+def feature_consistency(
+    student: Mapping[str, torch.Tensor],
+    teacher: Mapping[str, torch.Tensor],
+    pairs: Sequence[Pair],
+    pair_weights: Sequence[float] | None = None,
+    divisor: float = 3.0,
+    feature_norm: FeatureNorm = "instance",
+) -> torch.Tensor:
     """L_opt = sum_i w_i * MSE(n(student[pairs[i][0]]), n(teacher[pairs[i][1]])) / divisor (seed: w_i = 1, divisor 3).
 
     n is :func:`standardize_channels` (``feature_norm="instance"``, the default) or the identity (``"none"``, the
@@ -286,14 +300,24 @@ class ReSegRegulariser(torch.nn.Module):
     returns ``{"opt": L_opt}``, a float32 scalar with gradient to the segmentation network only.
     """
 
-    def __init__(self, student_taps: FeatureTaps, teacher: torch.nn.Module, teacher_taps: FeatureTaps,
-                 pairs: Sequence[Pair], divisor: float = 3.0, pair_weights: Sequence[float] | None = None,
-                 feature_norm: FeatureNorm = "instance", num_classes: int = 2,
-                 label_encoding: LabelEncoding = "onehot") -> None:
+    def __init__(
+        self,
+        student_taps: FeatureTaps,
+        teacher: torch.nn.Module,
+        teacher_taps: FeatureTaps,
+        pairs: Sequence[Pair],
+        divisor: float = 3.0,
+        pair_weights: Sequence[float] | None = None,
+        feature_norm: FeatureNorm = "instance",
+        num_classes: int = 2,
+        label_encoding: LabelEncoding = "onehot",
+    ) -> None:
         super().__init__()
         if student_taps is None or teacher is None or teacher_taps is None or not pairs:
-            raise ValueError("the ReSeg regulariser needs student taps, the teacher, its taps and at least one pair; "
-                             "set reseg_weight 0 for the baseline (the regulariser is then disabled)")
+            raise ValueError(
+                "the ReSeg regulariser needs student taps, the teacher, its taps and at least one pair; "
+                "set reseg_weight 0 for the baseline (the regulariser is then disabled)"
+            )
         if divisor <= 0:
             raise ValueError(f"reseg_divisor must be positive, got {divisor}")
         if pair_weights is not None and len(pair_weights) != len(pairs):
@@ -319,5 +343,6 @@ class ReSegRegulariser(torch.nn.Module):
     def forward(self, logits: torch.Tensor, label: torch.Tensor, extras: object = None) -> dict[str, torch.Tensor]:
         student = self.student_taps.pop()
         teacher = self.teacher_forward(label)
-        return {"opt": feature_consistency(student, teacher, self.pairs, self.pair_weights, self.divisor,
-                                           self.feature_norm)}
+        return {
+            "opt": feature_consistency(student, teacher, self.pairs, self.pair_weights, self.divisor, self.feature_norm)
+        }

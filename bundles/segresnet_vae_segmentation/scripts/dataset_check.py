@@ -49,9 +49,13 @@ def _load(path: str, loader: LoadImage, context: str = "") -> tuple[np.ndarray |
     try:
         img = loader(path)
     except Exception as e:  # the readers raise many types; the message is what the user needs
-        return None, None, (
-            f"{path}: cannot be read{context}: a truncated or corrupt file, or not an image MONAI reads (NIfTI, "
-            f"NRRD, MHA/MHD, a DICOM series folder) ({type(e).__name__}: {str(e)[:300]})"
+        return (
+            None,
+            None,
+            (
+                f"{path}: cannot be read{context}: a truncated or corrupt file, or not an image MONAI reads (NIfTI, "
+                f"NRRD, MHA/MHD, a DICOM series folder) ({type(e).__name__}: {str(e)[:300]})"
+            ),
         )
     return img.numpy(), np.asarray(img.affine), None
 

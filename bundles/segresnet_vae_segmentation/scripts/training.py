@@ -15,6 +15,9 @@ from ignite.engine import Engine, Events
 from monai.handlers import IgniteMetricHandler, MeanDice, from_engine
 from monai.metrics import HausdorffDistanceMetric
 
+# The loss value of a SupervisedTrainer's (decollated) output.
+LOSS_OUTPUT = from_engine(["loss"], first=True)
+
 
 class LossTermsHandler:
     """Put the epoch mean of each loss term into ``engine.state.metrics`` as ``train_<term>``.
@@ -117,7 +120,7 @@ class StopOnNonFinite:
         network: torch.nn.Module,
         ckpt_dir: str,
         checkpoint_pattern: str = "checkpoint_epoch=*.pt",
-        output_transform: Callable = from_engine(["loss"], first=True),
+        output_transform: Callable = LOSS_OUTPUT,
     ) -> None:
         self.network = network
         self.ckpt_dir = ckpt_dir

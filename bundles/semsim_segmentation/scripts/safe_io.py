@@ -22,6 +22,9 @@ from monai.data import MetaTensor
 from monai.transforms import SaveImage, SaveImaged
 from monai.utils import MetaKeys, PostFix
 
+# MONAI's metadata key postfix ("meta_dict"), as SaveImaged's default.
+DEFAULT_POST_FIX = PostFix.meta()
+
 logger = logging.getLogger(__name__)
 
 
@@ -99,7 +102,7 @@ class AtomicSaveImaged(SaveImaged):
         self,
         keys: Hashable | list[Hashable],
         meta_keys: Hashable | list[Hashable] | None = None,
-        meta_key_postfix: str = PostFix.meta(),
+        meta_key_postfix: str = DEFAULT_POST_FIX,
         allow_missing_keys: bool = False,
         overwrite: bool = False,
         **save_image_args,

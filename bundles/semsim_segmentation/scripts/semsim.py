@@ -59,8 +59,9 @@ def masked_dice(probabilities: torch.Tensor, target: torch.Tensor, mask: torch.T
     return _MASKED_DICE(probabilities, one_hot(target, probabilities.shape[1]), mask)
 
 
-def present_class_dice(probabilities: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                       smooth: float = 1e-5) -> torch.Tensor:
+def present_class_dice(
+    probabilities: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, smooth: float = 1e-5
+) -> torch.Tensor:
     """Masked Dice loss over the whole batch, averaged over the classes present in the masked target (L_intra).
 
     probabilities (B, K, *S); target (B, 1, *S) class indices; mask (B, 1, *S). Per class c, with sums over the
@@ -156,13 +157,14 @@ def region_index(size: Sequence[int], grid: int, device: torch.device | None = N
     crops), clamped to the side's length; along each axis voxel i is in region floor(i * N / size).
     """
     axes = [torch.arange(s, device=device) * min(grid, s) // s for s in size]
-    strides = [math.prod(min(grid, s) for s in size[a + 1:]) for a in range(len(size))]
+    strides = [math.prod(min(grid, s) for s in size[a + 1 :]) for a in range(len(size))]
     coords = torch.meshgrid(*axes, indexing="ij")
     return sum(c * stride for c, stride in zip(coords, strides)).reshape(-1)
 
 
-def local_prototypes(features: torch.Tensor, label: torch.Tensor, num_classes: int, grid: int,
-                     groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def local_prototypes(
+    features: torch.Tensor, label: torch.Tensor, num_classes: int, grid: int, groups: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eqs. 7-8: local class prototypes of the labeled volumes.
 
     features (B_l, D, *G); label (B_l, 1, *G) class indices on the same grid; ``groups`` (B_l,) the source volume of
@@ -304,10 +306,20 @@ class SemSimLoss(torch.nn.Module):
     and the Eq. 19 halving of the whole sum), which replaces the template's ``network``, ``loss`` and ``train``.
     """
 
-    def __init__(self, num_classes: int, unlabeled_weight: float = 0.5, intra_weight: float = 0.25,
-                 cross_weight: float = 0.25, confidence_threshold: float = 0.95, affinity_temperature: float = 0.1,
-                 affinity_max_tokens: int = 4096, prototype_grid: int = 1, prototype_temperature: float = 0.1,
-                 uncertainty_sharpness: float = 1000.0, intra_confidence: str = "weak") -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        unlabeled_weight: float = 0.5,
+        intra_weight: float = 0.25,
+        cross_weight: float = 0.25,
+        confidence_threshold: float = 0.95,
+        affinity_temperature: float = 0.1,
+        affinity_max_tokens: int = 4096,
+        prototype_grid: int = 1,
+        prototype_temperature: float = 0.1,
+        uncertainty_sharpness: float = 1000.0,
+        intra_confidence: str = "weak",
+    ) -> None:
         super().__init__()
         weights = {"unlabeled_weight": unlabeled_weight, "intra_weight": intra_weight, "cross_weight": cross_weight}
         if any(w < 0 for w in weights.values()):
@@ -315,11 +327,15 @@ class SemSimLoss(torch.nn.Module):
         if not 0 < confidence_threshold <= 1:
             raise ValueError(f"confidence_threshold (tau) must be in (0, 1], got {confidence_threshold}")
         if affinity_temperature <= 0 or prototype_temperature <= 0:
-            raise ValueError("affinity_temperature and prototype_temperature must be > 0, got "
-                             f"{affinity_temperature} and {prototype_temperature}")
+            raise ValueError(
+                "affinity_temperature and prototype_temperature must be > 0, got "
+                f"{affinity_temperature} and {prototype_temperature}"
+            )
         if affinity_max_tokens < 1 or prototype_grid < 1:
-            raise ValueError(f"affinity_max_tokens and prototype_grid must be >= 1, got {affinity_max_tokens} "
-                             f"and {prototype_grid}")
+            raise ValueError(
+                f"affinity_max_tokens and prototype_grid must be >= 1, got {affinity_max_tokens} "
+                f"and {prototype_grid}"
+            )
         if intra_confidence not in ("weak", "refined"):
             raise ValueError(f"intra_confidence must be 'weak' or 'refined', got {intra_confidence!r}")
         self.num_classes = num_classes
@@ -347,27 +363,49 @@ class SemSimLoss(torch.nn.Module):
             p_strong1 = torch.softmax(outputs["strong1"].float(), dim=1)
         if self.unlabeled_weight:
             terms["unlabeled"], terms["confident_fraction"] = self.unlabeled_term(
-                p_weak, p_strong1, outputs["mix1"], outputs["partner"], outputs.get("fp"))
+                p_weak, p_strong1, outputs["mix1"], outputs["partner"], outputs.get("fp")
+            )
             total = total + self.unlabeled_weight * terms["unlabeled"]
         if self.intra_weight:
             _require(outputs, ("features_weak", "features_strong1"), "intra_weight > 0")
-            terms["intra"] = self.intra_term(p_weak, p_strong1, outputs["features_weak"].float(),
-                                             outputs["features_strong1"].float(), outputs["mix1"], outputs["partner"])
+            terms["intra"] = self.intra_term(
+                p_weak,
+                p_strong1,
+                outputs["features_weak"].float(),
+                outputs["features_strong1"].float(),
+                outputs["mix1"],
+                outputs["partner"],
+            )
             total = total + self.intra_weight * terms["intra"]
         if self.cross_weight:
-            _require(outputs, ("features_labeled", "features_weak", "features_strong2", "mix2", "partner"),
-                     "cross_weight > 0")
-            terms["cross"] = self.cross_term(outputs["features_labeled"].float(), label,
-                                             outputs["features_weak"].float(), outputs["features_strong2"].float(),
-                                             outputs["mix2"], outputs["partner"], outputs.get("labeled_source"))
+            _require(
+                outputs,
+                ("features_labeled", "features_weak", "features_strong2", "mix2", "partner"),
+                "cross_weight > 0",
+            )
+            terms["cross"] = self.cross_term(
+                outputs["features_labeled"].float(),
+                label,
+                outputs["features_weak"].float(),
+                outputs["features_strong2"].float(),
+                outputs["mix2"],
+                outputs["partner"],
+                outputs.get("labeled_source"),
+            )
             total = total + self.cross_weight * terms["cross"]
         total = total / 2  # Eq. 19
         terms["total"] = total
         self.terms = {name: value.detach() for name, value in terms.items()}
         return total
 
-    def unlabeled_term(self, p_weak: torch.Tensor, p_strong1: torch.Tensor, mix: torch.Tensor, partner: torch.Tensor,
-                       logits_fp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def unlabeled_term(
+        self,
+        p_weak: torch.Tensor,
+        p_strong1: torch.Tensor,
+        mix: torch.Tensor,
+        partner: torch.Tensor,
+        logits_fp: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 1 (FixMatch): masked Dice of the CutMixed strong view 1 against the weak view's pseudo-label, CutMixed
         the same way; with the feature-perturbed pass ``logits_fp``, UniMatch's stream is averaged in:
         L_u = 1/2 (Dice_strong1 + Dice_fp), Dice_fp against the unmixed pseudo-label.
@@ -382,8 +420,15 @@ class SemSimLoss(torch.nn.Module):
             loss = (loss + masked_dice(torch.softmax(logits_fp.float(), dim=1), pseudo, confident)) / 2
         return loss, confident.mean()
 
-    def intra_term(self, p_weak: torch.Tensor, p_strong1: torch.Tensor, features_weak: torch.Tensor,
-                   features_strong1: torch.Tensor, mix: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
+    def intra_term(
+        self,
+        p_weak: torch.Tensor,
+        p_strong1: torch.Tensor,
+        features_weak: torch.Tensor,
+        features_strong1: torch.Tensor,
+        mix: torch.Tensor,
+        partner: torch.Tensor,
+    ) -> torch.Tensor:
         """Eq. 6: L_intra = Dice(p_in, one-hot argmax p1_w) over the voxels passing tau, at full resolution.
 
         p_weak (detached), p_strong1 (B_u, K, *S) probabilities; features (B_u, D, *G); mix (B_u, 1, *S); partner
@@ -409,9 +454,16 @@ class SemSimLoss(torch.nn.Module):
         p_in = refine_by_affinity(p_strong1, pool_to_size(features_strong1, grid), self.affinity_temperature)
         return present_class_dice(p_in, target, confident)
 
-    def cross_term(self, features_labeled: torch.Tensor, label: torch.Tensor, features_weak: torch.Tensor,
-                   features_strong2: torch.Tensor, mix: torch.Tensor, partner: torch.Tensor,
-                   groups: torch.Tensor | None = None) -> torch.Tensor:
+    def cross_term(
+        self,
+        features_labeled: torch.Tensor,
+        label: torch.Tensor,
+        features_weak: torch.Tensor,
+        features_strong2: torch.Tensor,
+        mix: torch.Tensor,
+        partner: torch.Tensor,
+        groups: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Eq. 13: L_cross = mean over voxels of 1(max p2_w >= tau) * Ubar * CE(p_cr(strong 2), argmax p2_w).
 
         features_labeled (B_l, D, *G) with the labels (B_l, 1, *S) resized to G; features_weak, features_strong2
@@ -427,24 +479,29 @@ class SemSimLoss(torch.nn.Module):
         # nearest-exact: the label at each cell's centre (plain "nearest" takes its first corner); a plain tensor,
         # as the MetaTensor's metadata has no meaning on the feature grid
         label_grid = F.interpolate(label.as_subclass(torch.Tensor).float(), size=grid, mode="nearest-exact").long()
-        prototypes, present = local_prototypes(features_labeled, label_grid, self.num_classes, self.prototype_grid,
-                                               groups)
+        prototypes, present = local_prototypes(
+            features_labeled, label_grid, self.num_classes, self.prototype_grid, groups
+        )
         with torch.no_grad():
             similarity_weak = prototype_similarity(features_weak, prototypes.detach(), self.prototype_grid)
-            confidence, pseudo = prototype_logits(similarity_weak, present, self.prototype_temperature).exp().max(
-                dim=1, keepdim=True)
+            confidence, pseudo = (
+                prototype_logits(similarity_weak, present, self.prototype_temperature).exp().max(dim=1, keepdim=True)
+            )
             mix_grid = pool_to_size(mix.float(), grid)
             target = cutmix_target(pseudo, mix_grid, partner)[:, 0]
             confident = cutmix_target((confidence >= self.confidence_threshold).float(), mix_grid, partner)[:, 0]
         similarity = prototype_similarity(features_strong2, prototypes, self.prototype_grid)
         weight = uncertainty_weight(similarity, present, self.uncertainty_sharpness)
-        cross_entropy = F.nll_loss(prototype_logits(similarity, present, self.prototype_temperature), target,
-                                   reduction="none")
+        cross_entropy = F.nll_loss(
+            prototype_logits(similarity, present, self.prototype_temperature), target, reduction="none"
+        )
         return (confident * weight * cross_entropy).mean()
 
 
 def _require(outputs: Mapping[str, torch.Tensor], keys: Sequence[str], why: str) -> None:
     missing = [key for key in keys if key not in outputs]
     if missing:
-        raise KeyError(f"SemSimLoss with {why} needs network outputs {missing}; got {sorted(outputs)}. Set that "
-                       "weight to 0 or let the network produce them (SemSimNetwork with the matching weights)")
+        raise KeyError(
+            f"SemSimLoss with {why} needs network outputs {missing}; got {sorted(outputs)}. Set that "
+            "weight to 0 or let the network produce them (SemSimNetwork with the matching weights)"
+        )

@@ -51,8 +51,10 @@ def encoder_stages(network: torch.nn.Module) -> list[tuple[str, int]]:
         return names
     if isinstance(network, nets.SwinUNETR):
         return [("encoder1", 1), ("encoder2", 2), ("encoder3", 4), ("encoder4", 8), ("encoder10", 32)]
-    raise TypeError(f"no SemSim encoder stages for {type(network).__name__}: use SegResNet, UNet or SwinUNETR, or "
-                    "give semsim_fusion_stages and semsim_perturbed_stages in the config")
+    raise TypeError(
+        f"no SemSim encoder stages for {type(network).__name__}: use SegResNet, UNet or SwinUNETR, or "
+        "give semsim_fusion_stages and semsim_perturbed_stages in the config"
+    )
 
 
 def fusion_stages(network: torch.nn.Module) -> list[str]:
@@ -66,8 +68,10 @@ def fusion_stages(network: torch.nn.Module) -> list[str]:
         by_factor.setdefault(factor, name)
     missing = [f for f in (2, 4, 8) if f not in by_factor]
     if missing:
-        raise ValueError(f"{type(unwrap(network)).__name__} has no encoder stage at 1/{missing}: the fusion module "
-                         "needs stages at 1/2, 1/4 and 1/8; set semsim_fusion_stages in the config")
+        raise ValueError(
+            f"{type(unwrap(network)).__name__} has no encoder stage at 1/{missing}: the fusion module "
+            "needs stages at 1/2, 1/4 and 1/8; set semsim_fusion_stages in the config"
+        )
     return [by_factor[f] for f in (2, 4, 8)]
 
 
@@ -180,8 +184,13 @@ class ChannelDropout:
         self._handles = []
 
 
-def cutmix_masks(shape: Sequence[int], probability: float = 0.5, volume: tuple[float, float] = (0.02, 0.4),
-                 aspect: tuple[float, float] = (0.3, 1 / 0.3), generator: torch.Generator | None = None) -> torch.Tensor:
+def cutmix_masks(
+    shape: Sequence[int],
+    probability: float = 0.5,
+    volume: tuple[float, float] = (0.02, 0.4),
+    aspect: tuple[float, float] = (0.3, 1 / 0.3),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Random CutMix boxes as float masks (B, 1, *S), 1 inside the box.
 
     UniMatch's box, in d dimensions: with ``probability`` per volume, a box of ``volume`` fraction U(0.02, 0.4) of the
@@ -196,8 +205,9 @@ def cutmix_masks(shape: Sequence[int], probability: float = 0.5, volume: tuple[f
         if torch.rand((), generator=generator) >= probability:
             continue
         fraction = volume[0] + (volume[1] - volume[0]) * torch.rand((), generator=generator).item()
-        log_ratios = torch.empty(len(spatial)).uniform_(math.log(aspect[0]) / 2, math.log(aspect[1]) / 2,
-                                                        generator=generator)
+        log_ratios = torch.empty(len(spatial)).uniform_(
+            math.log(aspect[0]) / 2, math.log(aspect[1]) / 2, generator=generator
+        )
         log_ratios -= log_ratios.mean()  # edge ratios whose product is 1, so the box keeps its volume
         edge = (fraction * math.prod(spatial)) ** (1 / len(spatial))
         box = []
@@ -225,8 +235,13 @@ class SemiSupervisedBatch:
         self.cutmix_probability = cutmix_probability
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, batchdata: Mapping[str, torch.Tensor], device: str | torch.device | None = None,
-                 non_blocking: bool = False, **kwargs) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def __call__(
+        self,
+        batchdata: Mapping[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         def move(key: str) -> torch.Tensor:
             return batchdata[key].as_subclass(torch.Tensor).to(device=device, non_blocking=non_blocking)
 
@@ -236,8 +251,10 @@ class SemiSupervisedBatch:
             inputs.update({key: move(key) for key in UNLABELED_KEYS})
             batch = inputs["unlabeled_image"].shape[0]
             if batch < 2 and self.cutmix_probability > 0:
-                raise ValueError("CutMix pastes boxes between unlabeled volumes of a batch, which has 1: set "
-                                 "unlabeled_batch_size (times num_samples) >= 2, or cutmix_probability 0")
+                raise ValueError(
+                    "CutMix pastes boxes between unlabeled volumes of a batch, which has 1: set "
+                    "unlabeled_batch_size (times num_samples) >= 2, or cutmix_probability 0"
+                )
             partner = torch.roll(torch.arange(batch), -1)
             inputs["partner"] = partner.to(device)
             for view, mix in (("unlabeled_strong1", "mix1"), ("unlabeled_strong2", "mix2")):
@@ -291,8 +308,15 @@ class SemSimNetwork(torch.nn.Module):
         feature_dropout: its channel-dropout probability, 0.5.
     """
 
-    def __init__(self, backbone: torch.nn.Module, sfm: torch.nn.Module | None, fusion: Sequence[str] | None = None,
-                 perturbed: Sequence[str] = (), feature_perturbation: bool = True, feature_dropout: float = 0.5) -> None:
+    def __init__(
+        self,
+        backbone: torch.nn.Module,
+        sfm: torch.nn.Module | None,
+        fusion: Sequence[str] | None = None,
+        perturbed: Sequence[str] = (),
+        feature_perturbation: bool = True,
+        feature_dropout: float = 0.5,
+    ) -> None:
         super().__init__()
         if sfm is not None and not fusion:
             raise ValueError("the fusion module needs the names of its three encoder stages (fusion_stages)")

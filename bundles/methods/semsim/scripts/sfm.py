@@ -58,42 +58,63 @@ class SpatialFusionModule(torch.nn.Module):
     positions are recovered only by the un-partitioning and the 3 x 3 fusion convolution.
     """
 
-    def __init__(self, spatial_dims: int, in_channels: Sequence[int], feature_size: int = 128, window_size: int = 2,
-                 num_heads: int = 4, mlp_ratio: float = 4.0, norm: str | tuple = "batch") -> None:
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: Sequence[int],
+        feature_size: int = 128,
+        window_size: int = 2,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        norm: str | tuple = "batch",
+    ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"SpatialFusionModule works on 2D or 3D maps, got spatial_dims={spatial_dims}")
         if len(in_channels) != 3:
-            raise ValueError("SpatialFusionModule fuses three consecutive encoder maps (1/2, 1/4, 1/8 of the input), "
-                             f"got in_channels={list(in_channels)}")
+            raise ValueError(
+                "SpatialFusionModule fuses three consecutive encoder maps (1/2, 1/4, 1/8 of the input), "
+                f"got in_channels={list(in_channels)}"
+            )
         if window_size < 1:
             raise ValueError(f"window_size must be >= 1, got {window_size}")
         self.spatial_dims, self.in_channels = spatial_dims, tuple(in_channels)
         self.feature_size, self.window_size = feature_size, window_size
         self.projections = torch.nn.ModuleList(
-            Convolution(spatial_dims, c, feature_size, kernel_size=1, conv_only=True) for c in in_channels)
+            Convolution(spatial_dims, c, feature_size, kernel_size=1, conv_only=True) for c in in_channels
+        )
         # Eq. 15: pre-norm MSA and MLP with residuals; SDPA attention (flash / memory-efficient kernels on GPU)
-        self.block = TransformerBlock(hidden_size=feature_size, mlp_dim=int(feature_size * mlp_ratio),
-                                      num_heads=num_heads, qkv_bias=True, use_flash_attention=True)
+        self.block = TransformerBlock(
+            hidden_size=feature_size,
+            mlp_dim=int(feature_size * mlp_ratio),
+            num_heads=num_heads,
+            qkv_bias=True,
+            use_flash_attention=True,
+        )
         # MONAI builds this LayerNorm even without cross-attention; a parameter that never gets a gradient would make
         # DistributedDataParallel fail (without find_unused_parameters), so drop it
         del self.block.norm_cross_attn
         # Eq. 17; no bias: the normalisation that follows removes it
-        self.fusion = Convolution(spatial_dims, 3 * feature_size, feature_size, kernel_size=3, norm=norm, act="relu",
-                                  bias=False)
+        self.fusion = Convolution(
+            spatial_dims, 3 * feature_size, feature_size, kernel_size=3, norm=norm, act="relu", bias=False
+        )
 
     def check_sizes(self, sizes: Sequence[Sequence[int]]) -> None:
         """Refuse maps whose sizes are not in ratio 4:2:1 or whose coarse size is not a multiple of window_size."""
         fine, mid, coarse = (list(s) for s in sizes)
         step = 8 * self.window_size
         if fine != [4 * c for c in coarse] or mid != [2 * c for c in coarse]:
-            raise ValueError(f"SpatialFusionModule needs encoder maps at 1/2, 1/4 and 1/8 of the input (sizes in "
-                             f"ratio 4:2:1), got {fine}, {mid}, {coarse}: use a roi_size divisible by {step} along "
-                             f"every axis (8 x window_size {self.window_size})")
+            raise ValueError(
+                f"SpatialFusionModule needs encoder maps at 1/2, 1/4 and 1/8 of the input (sizes in "
+                f"ratio 4:2:1), got {fine}, {mid}, {coarse}: use a roi_size divisible by {step} along "
+                f"every axis (8 x window_size {self.window_size})"
+            )
         if any(c % self.window_size for c in coarse):
-            raise ValueError(f"the coarsest encoder map {coarse} is not divisible by the SFM window_size "
-                             f"{self.window_size}: use a roi_size divisible by {step} along every axis, or a "
-                             f"window_size that divides {coarse}")
+            raise ValueError(
+                f"the coarsest encoder map {coarse} is not divisible by the SFM window_size "
+                f"{self.window_size}: use a roi_size divisible by {step} along every axis, or a "
+                f"window_size that divides {coarse}"
+            )
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(features) != 3:
@@ -109,6 +130,7 @@ class SpatialFusionModule(torch.nn.Module):
         scales = [window_merge(t, grid, s) for t, s in zip(mixed.split(lengths, dim=1), sizes)]
         mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
         mid = sizes[1]
-        resized = [F.interpolate(s, size=mid, mode=mode, align_corners=False) if s.shape[2:] != mid else s
-                   for s in scales]
+        resized = [
+            F.interpolate(s, size=mid, mode=mode, align_corners=False) if s.shape[2:] != mid else s for s in scales
+        ]
         return self.fusion(torch.cat(resized, dim=1))  # Eq. 17
