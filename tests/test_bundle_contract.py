@@ -156,8 +156,10 @@ def test_zoo_infer(method: Method, trained, tmp_path):
 
 
 def short_epoch(method: Method, backbone: str = "segresnet") -> dict[str, Any]:
-    """One training iteration, then validation: enough to build, step and save every part of the method."""
-    return {**small_run(method, backbone), "train#trainer#epoch_length": 1}
+    """An epoch of one training case and one validation case, in every stage: enough to build, step and save
+    every part of the method."""
+    return {**small_run(method, backbone), "train#dataset#data": "$@data_split['training'][:1]",
+            "validate#dataset#data": "$@data_split['validation'][:1]"}
 
 
 OTHER_BACKBONES = [pytest.param(m, b, id=f"{m.name}-{b}") for m in METHODS for b in m.backbones if b != "segresnet"]
@@ -252,18 +254,7 @@ def test_torchrun_runs_the_same_preflight_checks_as_one_process(method: Method, 
 
 
 # Known failures, each a bug to fix in the method's code (strict: the test says when it is fixed).
-KNOWN_FAILURES = {
-    ("cli", "semsim"): "SemSim with --tracking mlflow stops at its first iteration: MLFlowHandler's iteration log "
-                       "gets the loss as a tuple (TypeError: float() argument must be ... not 'tuple')",
-}
-
-
-def known(kind: str, methods=METHODS) -> list:
-    return [pytest.param(m, id=m.name, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[kind, m.name])]
-                         if (kind, m.name) in KNOWN_FAILURES else []) for m in methods]
-
-
-@pytest.mark.parametrize("method", known("cli"))
+@pytest.mark.parametrize("method", method_params())
 def test_cli_resumes_the_training_with_mlflow(method: Method, trained, tmp_path):
     """``python -m monai.bundle run`` of the registry's training stage, as a user types it: it resumes the
     in-process run (every stage), logs through configs/logging.conf and records the run in MLflow."""
