@@ -44,6 +44,7 @@ DEFAULT_ANCHOR = "backbones"
 # The id of the header in generated JSON: a plain string, inert in any config.
 JSON_HEADER_KEY = "_generated_"
 REGISTRY_FILE = "method.json"
+METADATA = Path("configs/metadata.json")
 
 
 def sources_line(sources: Iterable[Path]) -> str:
@@ -148,6 +149,12 @@ def expected_files(*methods: Path) -> dict[Path, str]:
             for fragment in fragments:
                 config = read_json(fragment) if config is None else merge(config, read_json(fragment))
                 sources.append(fragment)
+            if rel == METADATA:  # a method's metadata (name, description, references) lives in its method.json
+                for method in methods:
+                    entry = read_json(method / REGISTRY_FILE)
+                    if "metadata" in entry:
+                        config = merge(config, entry["metadata"])
+                        sources.append(method / REGISTRY_FILE)
             files[rel] = json_text(config, sources)
         elif base is not None and fragments:
             raise SystemExit(f"{fragments[0].relative_to(REPO)} would replace the template's {rel}: only JSON configs "

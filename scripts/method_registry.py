@@ -15,6 +15,8 @@ Fields of ``method.json``:
 - ``tasks``: the real-MRI tasks of its comparison; ``cost_target``: the training-step ratio against
   ``compare_against``; ``dice_gain_target``: the Dice gain it promises over ``compare_against``.
 - ``small_run``: overrides that shrink the method's own parts for CPU tests and benchmarks.
+- ``metadata``: the method's part of ``configs/metadata.json`` (name, task, description, references, changelog
+  entries), merged into the template's by ``generate_bundles.py``.
 """
 
 from __future__ import annotations

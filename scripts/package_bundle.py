@@ -3,8 +3,8 @@
     python scripts/package_bundle.py check bundles/selfreg_segmentation [--weights RUN_DIR]
     python scripts/package_bundle.py package bundles/*_segmentation [--out dist] [--release OWNER/REPO/TAG]
     python scripts/package_bundle.py package bundles/selfreg_segmentation --weights RUN_DIR   # a trained model.pt
-    python scripts/package_bundle.py verify dist/selfreg_segmentation_v0.1.0.zip
-    python scripts/package_bundle.py install dist/selfreg_segmentation_v0.1.0.zip --bundle_dir ~/bundles
+    python scripts/package_bundle.py verify dist/selfreg_segmentation_v0.2.0.zip
+    python scripts/package_bundle.py install dist/selfreg_segmentation_v0.2.0.zip --bundle_dir ~/bundles
 
 ``package`` refuses a bundle that fails the model-zoo checks (required files, version in the changelog, metadata
 against the zoo schema, ``verify_net_in_out``, and ``--weights`` that load into the inference network). It writes

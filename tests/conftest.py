@@ -3,52 +3,12 @@ The test helpers (paths, tiny settings, bundle runs in process and through the C
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 from contextlib import ExitStack
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 from helpers import REPO, in_bundle, load_module
-
-# Transitional re-exports for test files that still import these from conftest; import them from helpers instead.
-# (To be removed once every test file imports from helpers.)
-from helpers import (  # noqa: F401
-    ALL_BUNDLES,
-    BACKBONE_ROI,
-    BUNDLES,
-    EXPORT_SUFFIX,
-    EXPORT_TOLERANCE,
-    SCHEMA,
-    SCHEMA_MD5,
-    SELFREG_BUNDLE,
-    SMALL_BACKBONES,
-    VAE_BUNDLE,
-    assert_export_matches_eager,
-    assert_plain_backbone_checkpoint,
-    bundle_input_window,
-    central_slices,
-    export_bundle_network,
-    overrides_from_cli,
-    run_bundle,
-    run_exported,
-    small_backbone,
-)
-
-
-def bundle_module(bundle: Path, name: str) -> ModuleType:
-    """Transitional (use helpers.in_bundle / bundle_env.bundle_imports): ``scripts.<name>`` of one bundle imported
-    as a package under a name unique to the bundle."""
-    package = f"{bundle.name}_scripts"
-    if package not in sys.modules:
-        init = bundle / "scripts" / "__init__.py"
-        spec = importlib.util.spec_from_file_location(package, init, submodule_search_locations=[str(init.parent)])
-        sys.modules[package] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[package])
-    return importlib.import_module(f"{package}.{name}")
-
 
 @pytest.fixture
 def bundle_on_path():

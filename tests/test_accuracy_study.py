@@ -4,7 +4,7 @@ tests/test_compare_methods.py (the comparison drives it)."""
 from __future__ import annotations
 
 import pytest
-from conftest import REPO, load_module
+from helpers import REPO, load_module
 
 ARMS = ["--arm", "baseline=--selfreg_weight 0", "--arm", "selfreg=--selfreg_weight 0.015"]
 # Tiny volumes on their own 1.5 mm grid (the refusal comes before any of it is made).

@@ -156,8 +156,10 @@ def test_zoo_infer(method: Method, trained, tmp_path):
 
 
 def short_epoch(method: Method, backbone: str = "segresnet") -> dict[str, Any]:
-    """One training iteration, then validation: enough to build, step and save every part of the method."""
-    return {**small_run(method, backbone), "train#trainer#epoch_length": 1}
+    """An epoch of one training case and one validation case, in every stage: enough to build, step and save
+    every part of the method."""
+    return {**small_run(method, backbone), "train#dataset#data": "$@data_split['training'][:1]",
+            "validate#dataset#data": "$@data_split['validation'][:1]"}
 
 
 OTHER_BACKBONES = [pytest.param(m, b, id=f"{m.name}-{b}") for m in METHODS for b in m.backbones if b != "segresnet"]
@@ -262,18 +264,7 @@ def test_torchrun_runs_the_same_preflight_checks_as_one_process(method: Method, 
 
 
 # Known failures, each a bug to fix in the method's code (strict: the test says when it is fixed).
-KNOWN_FAILURES = {
-    ("cli", "semsim"): "SemSim with --tracking mlflow stops at its first iteration: MLFlowHandler's iteration log "
-                       "gets the loss as a tuple (TypeError: float() argument must be ... not 'tuple')",
-}
-
-
-def known(kind: str, methods=METHODS) -> list:
-    return [pytest.param(m, id=m.name, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[kind, m.name])]
-                         if (kind, m.name) in KNOWN_FAILURES else []) for m in methods]
-
-
-@pytest.mark.parametrize("method", known("cli"))
+@pytest.mark.parametrize("method", method_params())
 def test_cli_resumes_the_training_with_mlflow(method: Method, trained, tmp_path):
     """``python -m monai.bundle run`` of the registry's training stage, as a user types it: it resumes the
     in-process run (every stage), logs through configs/logging.conf and records the run in MLflow."""
@@ -291,26 +282,29 @@ def test_cli_resumes_the_training_with_mlflow(method: Method, trained, tmp_path)
     assert (root / "eval/mlruns.db").stat().st_size > 0, "no MLflow run recorded"
 
 
-PROBE = "preflight ran on rank"
-
 
 @pytest.mark.parametrize("method", method_params())
 def test_torchrun_two_process_training(method: Method, trained, tmp_path):
     """The registry's training stage with multi_gpu_train.json under torchrun, 2 processes on CPU (gloo); a
     prerequisite stage ran in one process first. Each rank trains on half the cases and runs the pre-flight checks
-    (a probe added to ``preflight`` prints on each rank, after the dataset check); only rank 0 logs."""
+    (a probe added to ``preflight`` writes a file on each rank, after the dataset check); only rank 0 logs."""
     run = trained(method)
     root = tmp_path / "run"
     if run.stage1_models is not None:
         shutil.copytree(run.stage1_models, root / "models")
-    probe = f"$print('{PROBE}', dist.get_rank(), 'after checking', @check_data, 'files', flush=True)"
+    # each rank writes its own file (two processes' prints can interleave in one pipe)
+    probe = f"$open(os.path.join('{tmp_path}', 'preflight_rank%d' % dist.get_rank()), 'w').write(str(@check_data))"
     proc = run_bundle(method.bundle_dir, [*method.training.configs, MULTI_GPU], "--bundle_root", str(root),
                       "--dataset_dir", str(run.dataset), "--max_epochs", "1", "--num_samples", "2",
                       *small_run_cli(method), "--preflight#probe", probe, run_id=method.training.run_id,
                       launcher=TORCHRUN)
     log = proc.stdout + proc.stderr
-    assert sorted(re.findall(PROBE + r" (\d)", log)) == ["0", "1"], log[-3000:]
-    assert log.index(PROBE) < log.index("Epoch: 1/1")  # the checks run before training
+    probes = sorted(tmp_path.glob("preflight_rank*"))
+    assert [p.name for p in probes] == ["preflight_rank0", "preflight_rank1"], log[-3000:]
+    assert all(int(p.read_text()) > 0 for p in probes)  # after the dataset check, which counted the cases
+    # the checks ran before training: before the first checkpoint was written
+    first_checkpoint = min(p.stat().st_mtime for p in (root / "models").glob("checkpoint_epoch=*.pt"))
+    assert max(p.stat().st_mtime for p in probes) < first_checkpoint
     epoch_length = {int(n) for n in re.findall(r"Iter: \d+/(\d+)", log)}
     assert epoch_length == {math.ceil(run.epoch_length / 2)}  # DistributedSampler: half the cases per rank
     assert all(term in log for term in run.metrics) and log.count("Key metric: val_mean_dice") == 1

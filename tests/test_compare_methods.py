@@ -7,7 +7,7 @@ import csv
 import json
 
 import pytest
-from conftest import REPO, load_module
+from helpers import REPO, load_module
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

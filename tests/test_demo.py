@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import nibabel as nib
-from conftest import REPO
+from helpers import REPO
 
 
 def test_demo_quick_writes_prediction_overlay_and_dice(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import ALL_BUNDLES, REPO, load_module
+from helpers import ALL_BUNDLES, REPO, load_module
 
 generate = load_module(REPO / "scripts" / "generate_bundles.py", "generate_bundles_tool")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES, bundle_module
+from helpers import BUNDLES, bundle_module
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from monai.losses import DiceCELoss, DiceLoss

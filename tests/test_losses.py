@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, SELFREG_BUNDLE, VAE_BUNDLE, bundle_module, load_module, run_bundle
+from helpers import REPO, SELFREG_BUNDLE, VAE_BUNDLE, bundle_module, load_module, run_bundle
 from monai.losses import DiceCELoss
 from monai.networks import nets
 

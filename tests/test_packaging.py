@@ -21,7 +21,7 @@ import package_bundle
 import pytest
 import torch
 import yaml
-from conftest import ALL_BUNDLES, REPO, SCHEMA, VAE_BUNDLE
+from helpers import ALL_BUNDLES, REPO, SCHEMA, VAE_BUNDLE
 from monai.bundle import ConfigParser, download, download_large_files, verify_metadata
 from monai.bundle.scripts import _get_git_release_url
 from monai.networks.nets import SegResNet, UNet

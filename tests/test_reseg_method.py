@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BUNDLES, bundle_module
+from helpers import BUNDLES, bundle_module
 from monai.losses import DiceCELoss
 from monai.networks import nets
 

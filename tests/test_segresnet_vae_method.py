@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import VAE_BUNDLE, bundle_module, run_bundle
+from helpers import VAE_BUNDLE, bundle_module, run_bundle
 from monai.bundle import ConfigParser
 from monai.losses import DiceLoss
 from monai.networks import nets

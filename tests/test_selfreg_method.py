@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SELFREG_BUNDLE, bundle_module
+from helpers import SELFREG_BUNDLE, bundle_module
 from monai.losses import DiceCELoss
 from monai.networks import nets
 
@@ -144,7 +144,7 @@ def test_taps_read_channels_first_features_in_training_only(backbone, dims):
     taps = selfreg.SelfRegTaps(net)
     assert list(net.state_dict()) == keys_before  # hooks add no parameters or buffers
     x = torch.randn(2, 1, *[size] * dims)
-    logits = net.train()(x)
+    net.train()(x)
     features = taps.pop()
     assert features[taps.layout.teacher].shape == (2, *teacher_shape)
     assert len(features) == num_students + 1

@@ -10,7 +10,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import BUNDLES, bundle_module
+from helpers import BUNDLES, bundle_module
 from monai.data import MetaTensor
 from monai.networks import nets
 

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from monai.engines import SupervisedTrainer
 from monai.networks import nets
 
 from .backbones import required_divisor, unwrap
@@ -392,3 +393,14 @@ class SemSimNetwork(torch.nn.Module):
         for hooks in (self.taps, self.dropout):
             if hooks is not None:
                 hooks.remove()
+
+
+def one_item_output(engine: SupervisedTrainer, batchdata: dict[str, Any]) -> list[dict[str, Any]]:
+    """``SupervisedTrainer``'s own iteration, its output returned as a one-item list.
+
+    SemSim's trainer does not decollate (labeled and unlabeled views have different batch sizes), so its output is
+    one dict; ``monai.handlers.from_engine(["loss"], first=True)``, which the template's handlers and MONAI's
+    tracking handlers (``--tracking mlflow``) use, returns a tuple for a dict but the loss itself for a list of
+    dicts. Wrapped so, every handler reads the loss as it does from a decollated output.
+    """
+    return [engine._iteration(engine, batchdata)]
