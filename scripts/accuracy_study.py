@@ -63,7 +63,7 @@ QUICK_EPOCHS = 2
 # worker processes competing for the cores.
 DEFAULT_EXTRA = (
     "--learning_rate 2e-3 --num_samples 2 --val_interval 4 --spacing [2.0,2.0,2.0] --roi_size [64,64,32] "
-    "--num_workers 0"
+    "--num_workers 0 --iterations_per_epoch 0"
 )
 # Set by this tool for every run; an --extra or --arm that sets one is refused rather than silently overridden.
 TOOL_KEYS = ("config_file", "meta_file", "logging_file", "bundle_root", "dataset_dir", "seed", "max_epochs",

@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 # The crop, grid and optimiser settings every run of a profile shares (each bundle's own defaults otherwise).
 CPU_EXTRA = ("--learning_rate 2e-3 --num_samples 2 --spacing [2.0,2.0,2.0] --roi_size [32,32,16] "
-             "--num_workers 0")
+             "--num_workers 0 --iterations_per_epoch 0")
 GPU_EXTRA = "--num_samples 2 --spacing [1.0,1.0,1.0] --roi_size [96,96,96] --num_workers 4"
 
 
@@ -87,7 +87,7 @@ PROFILES = {
     # For tests: one epoch, one seed, tiny crops.
     "smoke": Profile(epochs=1, val_interval=1,
                      extra="--learning_rate 2e-3 --num_samples 1 --spacing [1.5,1.5,1.5] --roi_size [24,24,24] "
-                           "--num_workers 0",
+                           "--num_workers 0 --iterations_per_epoch 0",
                      seeds=(0,), parallel=1,
                      benchmark=("--device", "cpu", "--iters", "1", "--warmup", "0", "--small", "--roi", "16", "16",
                                 "16", "--volume", "24", "24", "24")),

@@ -51,6 +51,8 @@ QUICK_EPOCHS = 4
 LEARNING_RATE = 2e-3
 NUM_SAMPLES = 2  # crops per volume per iteration (the batch): the training set is only two slabs
 VAL_INTERVAL = 4  # whole-slab validation costs about half an epoch; models/model.pt is the best one validated
+# An epoch is one pass over the training slabs, as tuned above (the bundles' default is a fixed 250 iterations).
+ITERATIONS_PER_EPOCH = 0  # 0: one pass over the data per epoch
 NUM_WORKERS = 0  # the data are cached in memory; worker processes would only compete for the two cores
 SPACING = (2.0, 2.0, 2.0)
 ROI_SIZE = (64, 64, 32)  # training crop = VAE input size = sliding window; divisible by 16
@@ -157,6 +159,7 @@ def train(run_dir: Path, dataset: Path, epochs: int) -> None:
         learning_rate=LEARNING_RATE,
         num_samples=NUM_SAMPLES,
         val_interval=val_interval,
+        iterations_per_epoch=ITERATIONS_PER_EPOCH,
         cache_rate=1.0,
         progress_bar=False,
         resume=False,  # never continue from checkpoints of an earlier run

@@ -46,7 +46,8 @@ SMALL_BACKBONES = {
     "swinunetr": ["--backbones#swinunetr#feature_size", "12"],
 }
 # Tiny data settings of every bundle run in the tests (32^3 synthetic volumes).
-TINY = ["--spacing", "[1.5,1.5,1.5]", "--num_workers", "0", "--progress_bar", "False"]
+# "--iterations_per_epoch 0": an epoch is one pass over the few tiny cases, not the recipe's fixed count.
+TINY = ["--spacing", "[1.5,1.5,1.5]", "--num_workers", "0", "--progress_bar", "False", "--iterations_per_epoch", "0"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
 
 

@@ -9,7 +9,8 @@ from helpers import REPO, load_module
 ARMS = ["--arm", "baseline=--selfreg_weight 0", "--arm", "selfreg=--selfreg_weight 0.015"]
 # Tiny volumes on their own 1.5 mm grid (the refusal comes before any of it is made).
 TINY = ["--task", "synthetic", "--synthetic-size", "24", "--extra",
-        "--learning_rate 2e-3 --num_samples 1 --spacing [1.5,1.5,1.5] --roi_size [24,24,24] --num_workers 0"]
+        "--learning_rate 2e-3 --num_samples 1 --spacing [1.5,1.5,1.5] --roi_size [24,24,24] --num_workers 0 "
+        "--iterations_per_epoch 0"]
 
 
 @pytest.fixture(scope="module")

@@ -198,16 +198,26 @@ def test_two_dimensional_training_with_the_same_code(method: Method, dataset_for
     assert conv_dims == {4}  # Conv2d weights only
 
 
-AGREED_KEYS = ("backbone", "backbones", "spatial_dims", "in_channels", "roi_size", "spacing", "orientation",
-               "intensity_norm", "sw_overlap")
+# The settings training records with the model (train.json ``model_settings``, written beside model.pt) that
+# inference.json and evaluate.json read back from models/model_settings.json.
+RECORDED_KEYS = ("class_names", "in_channels", "spatial_dims", "orientation", "spacing", "intensity_norm", "intensity",
+                 "roi_size", "sw_batch_size", "sw_overlap", "backbone")
 
 
 @pytest.mark.parametrize("method", method_params())
 def test_train_and_inference_configs_agree(method: Method):
-    """The network and preprocessing that inference.json builds are the ones train.json trained."""
+    """The network and preprocessing that inference.json builds are the ones train.json trained: the same
+    backbones, and every setting training records with the model read back from the record (shipped defaults: the
+    plan's defaults in train.json)."""
     train_config = json.loads((method.bundle_dir / "configs/train.json").read_text())
     infer_config = json.loads((method.bundle_dir / "configs/inference.json").read_text())
-    assert {k: train_config[k] for k in AGREED_KEYS} == {k: infer_config[k] for k in AGREED_KEYS}
+    eval_config = json.loads((method.bundle_dir / "configs/evaluate.json").read_text())
+    assert train_config["backbones"] == infer_config["backbones"]
+    assert set(train_config["model_settings"]) == {*RECORDED_KEYS, "network"}
+    for key in RECORDED_KEYS:
+        assert "@recorded_settings" in infer_config[key] and "@recorded_settings" in eval_config[key], key
+    shipped, planned = infer_config["shipped_settings"], train_config["plan"]["defaults"]
+    assert {k: shipped[k] for k in planned if k in shipped} == {k: planned[k] for k in planned if k in shipped}
     assert set(method.backbones) <= set(train_config["backbones"])  # what the registry offers, the configs build
 
 

@@ -150,7 +150,7 @@ def test_model_zoo_torchscript_export(bundle: Path, real_volume, tmp_path):
     ci/verify_bundle.py runs it, then ``torch.jit.load``. Beyond the zoo: the TorchScript model carries the bundle's
     metadata and inference config, and matches eager output on a real MRI window of the sliding-window size."""
     inference = json.loads((bundle / "configs/inference.json").read_text())
-    window = inference["roi_size"]
+    window = inference["shipped_settings"]["roi_size"]  # no trained model's settings recorded here
     with in_bundle(bundle):
         eager, exported = export_bundle_network(bundle, "torchscript", tmp_path, [1, 1, *window], {})
         x = bundle_input_window(bundle, real_volume, window)

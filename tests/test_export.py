@@ -45,7 +45,7 @@ def offered_backbones(bundle: Path) -> tuple[str, list[str]]:
     one network of ``network_def`` (SegResNet-VAE's plain SegResNet)."""
     config = inference_config(bundle)
     if "backbones" in config:
-        return config["backbone"], list(config["backbones"])
+        return config["shipped_settings"]["backbone"], list(config["backbones"])
     name = config["network_def"]["_target_"].lower()
     return name, [name]
 
@@ -57,7 +57,7 @@ def export_case(bundle: Path, backbone: str) -> tuple[list[int], dict]:
     """The input window and overrides of one export: the default network as shipped at the bundle's sliding-window
     size; another backbone at tiny sizes (helpers.SMALL_BACKBONES) and its smallest window."""
     if backbone == offered_backbones(bundle)[0]:
-        return inference_config(bundle)["roi_size"], {}
+        return inference_config(bundle)["shipped_settings"]["roi_size"], {}
     return TINY_WINDOW[backbone], {"backbone": backbone, **overrides_from_cli(SMALL_BACKBONES[backbone])}
 
 

@@ -133,8 +133,8 @@ def test_vae_and_selfreg_stack_by_config_alone(synthetic_dataset, tmp_path):
     root = tmp_path / "run"
     proc = run_bundle(bundle, ["configs/train.json"], "--bundle_root", str(root), "--dataset_dir",
                       str(synthetic_dataset), "--max_epochs", "1", "--roi_size", "[32,32,32]", "--spacing",
-                      "[1.5,1.5,1.5]", "--num_workers", "0", "--progress_bar", "False",
-                      "--backbones#segresnet#init_filters", "8", "--vae_nz", "32", run_id="training")
+                      "[1.5,1.5,1.5]", "--num_workers", "0", "--progress_bar", "False", "--iterations_per_epoch",
+                      "0", "--backbones#segresnet#init_filters", "8", "--vae_nz", "32", run_id="training")
     log = proc.stdout + proc.stderr
     for term in ("train_seg", "train_vae_l2", "train_vae_kl", "train_selfreg_scr", "train_selfreg_ifd",
                  "train_total", "val_mean_dice"):

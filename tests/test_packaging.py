@@ -29,7 +29,8 @@ from monai.networks.nets import SegResNet, UNet
 TOOL = REPO / "scripts" / "package_bundle.py"
 VAE = VAE_BUNDLE.name
 VAE_ZIP = f"{VAE}_v{json.loads((VAE_BUNDLE / 'configs/metadata.json').read_text())['version']}.zip"
-TINY = ["--roi_size", "[32,32,32]", "--spacing", "[1.5,1.5,1.5]", "--num_workers", "0", "--progress_bar", "False"]
+TINY = ["--roi_size", "[32,32,32]", "--spacing", "[1.5,1.5,1.5]", "--num_workers", "0", "--progress_bar", "False",
+        "--iterations_per_epoch", "0"]
 # Files a user may leave in a bundle folder that must not be shared: caches, outputs, logs, data, checkpoints.
 JUNK = ["scripts/__pycache__/data.cpython-311.pyc", "eval/val_mean_dice_raw.csv", "runs/events.out.tfevents.1",
         "mlruns/0/meta.yaml", "models/checkpoint_epoch=2.pt", "data/imagesTr/case0.nii.gz", "train.log",

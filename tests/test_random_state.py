@@ -31,7 +31,7 @@ from helpers import BUNDLES, SELFREG_BUNDLE, SMALL_BACKBONES, TORCHRUN, run_bund
 
 SEMSIM_BUNDLE = BUNDLES / "semsim_segmentation"
 TINY = ["--roi_size", "[32,32,32]", *SMALL_BACKBONES["segresnet"], "--spacing", "[1.5,1.5,1.5]",
-        "--num_workers", "0", "--progress_bar", "False"]
+        "--num_workers", "0", "--progress_bar", "False", "--iterations_per_epoch", "0"]
 METHOD_ARGS = {SELFREG_BUNDLE: [], SEMSIM_BUNDLE: ["--sfm_feature_size", "32"]}
 
 

@@ -39,7 +39,8 @@ from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 from monai.data import MetaTensor
 
-TINY = {"spacing": [1.5, 1.5, 1.5], "num_workers": 0, "progress_bar": False, "cache_rate": 1.0}
+TINY = {"spacing": [1.5, 1.5, 1.5], "num_workers": 0, "progress_bar": False, "cache_rate": 1.0,
+        "iterations_per_epoch": 0}
 SAFE_IO = load_module(REPO / "bundles/template/scripts/safe_io.py", "safe_io_under_test")
 VAE = next(m for m in METHODS if m.bundle_dir == VAE_BUNDLE)
 
@@ -76,7 +77,8 @@ def bundle_cli(root: Path, dataset: Path, epochs: int) -> list[str]:
     return [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
             "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
             "--bundle_root", str(root), "--dataset_dir", str(dataset), "--max_epochs", str(epochs),
-            "--roi_size", "[32,32,32]", "--spacing", "[1.5,1.5,1.5]", "--num_workers", "0", "--progress_bar", "False"]
+            "--roi_size", "[32,32,32]", "--spacing", "[1.5,1.5,1.5]", "--num_workers", "0", "--progress_bar", "False",
+            "--iterations_per_epoch", "0"]
 
 
 def kill_when_epoch_two_is_saved(command: list[str], models: Path, log: Path) -> None:

@@ -206,7 +206,7 @@ def test_two_process_ddp_training_without_unused_parameters(synthetic_dataset, t
     proc = run_bundle(VAE_BUNDLE, ["configs/train.json", "configs/multi_gpu_train.json"], "--bundle_root",
                       str(tmp_path), "--dataset_dir", str(synthetic_dataset), "--max_epochs", "1", "--roi_size",
                       "[32,32,32]", "--spacing", "[1.5,1.5,1.5]", "--num_workers", "0", "--progress_bar", "False",
-                      "--vae_nz", "32", *overrides, run_id="training",
+                      "--iterations_per_epoch", "0", "--vae_nz", "32", *overrides, run_id="training",
                       launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
                                 "--nproc_per_node=2"])
     log = proc.stdout + proc.stderr

@@ -21,6 +21,7 @@ from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from .safe_io import replacing
+from .settings import SETTINGS_FILENAME, write_settings
 
 
 class AtomicDiskSaver(DiskSaver):
@@ -28,17 +29,21 @@ class AtomicDiskSaver(DiskSaver):
     only after its successor is on disk, so one complete checkpoint exists at every moment.
 
     ``filename``, if given, is used for every save instead of ignite's generated name (MONAI's fixed
-    ``model.pt``).
+    ``model.pt``). ``settings``, if given, are written (atomically too) to ``model_settings.json`` in the same
+    folder just before each checkpoint: the settings that travel with the model (``scripts/settings.py``).
     """
 
-    def __init__(self, dirname: str | Path, filename: str | None = None) -> None:
+    def __init__(self, dirname: str | Path, filename: str | None = None, settings: dict | None = None) -> None:
         super().__init__(dirname, require_empty=False)
         self.filename = filename
+        self.settings = settings
         self._replaced: list[str] = []
 
     def __call__(self, checkpoint, filename: str, metadata=None) -> None:
         filename = self.filename or filename
         if idist.get_rank() == self.save_on_rank:
+            if self.settings is not None:
+                write_settings(str(self.dirname / SETTINGS_FILENAME), self.settings)
             with replacing(self.dirname / filename) as partial, open(partial, "wb") as f:
                 torch.save(checkpoint, f)  # to a file object: torch would name the records after the random name
             for old in self._replaced:
@@ -55,6 +60,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
     """MONAI's CheckpointSaver (same arguments) whose files are written by :class:`AtomicDiskSaver`, and whose
     best key-metric record can be saved with the trainer's checkpoint (``state_dict``/``load_state_dict``), so
     that a resumed run replaces ``model.pt`` only with a better model and logs the best metric of the whole run.
+    ``settings``: written to ``model_settings.json`` beside every key-metric checkpoint (``model.pt``).
     """
 
     def __init__(
@@ -64,6 +70,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
         *,
         final_filename: str | None = None,
         key_metric_filename: str | None = None,
+        settings: dict | None = None,
         **kwargs,
     ) -> None:
         super().__init__(
@@ -76,7 +83,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
             (self._interval_checkpoint, None),
         ):
             if checkpoint is not None:
-                checkpoint.save_handler = AtomicDiskSaver(save_dir, filename)
+                key_metric = checkpoint is self._key_metric_checkpoint
+                checkpoint.save_handler = AtomicDiskSaver(save_dir, filename, settings if key_metric else None)
         self._engine: Engine | None = None
 
     def attach(self, engine: Engine) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from monai.networks import nets
@@ -18,14 +18,23 @@ BACKBONES = ("segresnet", "unet", "swinunetr")
 _LISTED_KEYS = 5
 
 
-def select_backbone(networks: Mapping[str, torch.nn.Module], name: str) -> torch.nn.Module:
+def select_backbone(
+    networks: Mapping[str, torch.nn.Module | Callable[..., torch.nn.Module]], name: str, settings: Mapping | None = None
+) -> torch.nn.Module:
     """The network of the configs' ``backbones`` that ``--backbone`` names; the others are disabled in the config,
-    so ``networks`` holds at most this one. Refuses a name the bundles do not know, with the known ones."""
+    so ``networks`` holds at most this one. Refuses a name the bundles do not know, with the known ones.
+
+    The configs build each backbone with ``_mode_: callable``, a ``functools.partial`` of its constructor and
+    arguments (so that training can record them with the model, ``scripts/settings.py``); it is called here, with
+    ``settings`` (the arguments recorded with a trained model) over the config's arguments."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}: set --backbone to one of {', '.join(BACKBONES)}")
     if name not in networks:
         raise ValueError(f"backbone {name!r} has no entry in the config's 'backbones': restore backbones#{name}")
-    return networks[name]
+    network = networks[name]
+    if isinstance(network, torch.nn.Module):
+        return network
+    return network(**dict(settings or {}))
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:

@@ -4,15 +4,21 @@ HD95 in millimetres, finding the checkpoint to resume from, and stopping when th
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
-from monai.handlers import IgniteMetricHandler, MeanDice, from_engine
+from monai.engines import Evaluator
+from monai.handlers import IgniteMetricHandler, MeanDice, ValidationHandler, from_engine
 from monai.metrics import HausdorffDistanceMetric
+
+logger = logging.getLogger(__name__)
 
 # The loss value of a SupervisedTrainer's (decollated) output.
 LOSS_OUTPUT = from_engine(["loss"], first=True)
@@ -151,3 +157,72 @@ class StopOnNonFinite:
             "(--resume False) with a lower --learning_rate or with --amp False: resuming restores the optimiser "
             "and its learning rate."
         )
+
+
+class TimeShareValidationHandler(ValidationHandler):
+    """MONAI's ``ValidationHandler`` on a schedule that spends about ``share`` of the training time on validation.
+
+    At the end of every ``interval``-th epoch it validates when the training time since the last validation, times
+    ``share``, is at least as long as that validation took; the first checked epoch and the last epoch
+    (``max_epochs``) are always validated, so ``models/model.pt`` exists and reflects the end of training. With
+    ``share=None`` every ``interval``-th epoch is validated (MONAI's behaviour). The measured share (validation
+    seconds / training seconds so far, training time being the wall time outside validation) is logged after each
+    validation and kept as ``measured_share``. Under torch.distributed the ranks follow rank 0's clock.
+    """
+
+    def __init__(
+        self, validator: Evaluator, share: float | None = 0.1, interval: int = 1, exec_at_start: bool = False
+    ) -> None:
+        if share is not None and share <= 0:
+            raise ValueError(
+                f"the validation share of training time must be > 0 (or None: every interval), got {share}"
+            )
+        super().__init__(interval=interval, validator=validator, epoch_level=True, exec_at_start=exec_at_start)
+        self.share = share
+        self.last_duration: float | None = None
+        self.train_seconds = 0.0
+        self.val_seconds = 0.0
+        self._since_validation = 0.0
+        self._mark: float | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._start)
+        super().attach(engine)
+
+    def _start(self, engine: Engine) -> None:
+        self._mark = time.perf_counter()
+
+    def due(self, engine: Engine) -> bool:
+        """Whether this epoch validates (the training time since the last validation is already counted). Under
+        torch.distributed every rank takes rank 0's decision: the ranks validate together or not at all."""
+        if self.share is None or self.last_duration is None or engine.state.epoch >= (engine.state.max_epochs or 0):
+            return True
+        decision = [self._since_validation * self.share >= self.last_duration]
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast_object_list(decision, src=0)
+        return bool(decision[0])
+
+    def __call__(self, engine: Engine) -> None:
+        now = time.perf_counter()
+        if self._mark is not None:
+            self._since_validation += now - self._mark
+            self.train_seconds += now - self._mark
+        self._mark = now
+        if not self.due(engine):
+            return
+        super().__call__(engine)
+        self._mark = time.perf_counter()
+        self.last_duration = self._mark - now
+        self.val_seconds += self.last_duration
+        self._since_validation = 0.0
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() > 0:
+            return
+        logger.info(
+            f"validation took {self.last_duration:.1f} s; {self.val_seconds:.1f} s of validation for "
+            f"{self.train_seconds:.1f} s of training so far: a measured share of {self.measured_share:.3f} "
+            f"(scheduled share {self.share})"
+        )
+
+    @property
+    def measured_share(self) -> float:
+        return self.val_seconds / self.train_seconds if self.train_seconds > 0 else 0.0
