@@ -333,7 +333,7 @@ def test_stage_one_trains_after_the_workflow_properties_are_resolved(synthetic_d
             meta_file=str(RESEG_BUNDLE / "configs/metadata.json"),
             logging_file=str(RESEG_BUNDLE / "configs/logging.conf"), workflow_type="train",
             bundle_root=str(tmp_path), dataset_dir=str(synthetic_dataset), max_epochs=1, roi_size=[32, 32, 32],
-            spacing=[1.5, 1.5, 1.5], num_workers=0, progress_bar=False, **{"backbones#segresnet#init_filters": 8})
+            spacing=[1.5, 1.5, 1.5], num_workers=0, progress_bar=False, iterations_per_epoch=0, **{"backbones#segresnet#init_filters": 8})
         workflow.initialize()
         assert workflow.check_properties() == []
         parser = workflow.parser
