@@ -35,12 +35,12 @@ def bundle_imports(bundle: Path) -> Iterator[Path]:
     if not (bundle / PACKAGE / "__init__.py").is_file():
         raise FileNotFoundError(f"{bundle} has no {PACKAGE}/__init__.py: not a bundle folder")
     forget_bundle_package()
+    saved_path = list(sys.path)  # restored whole: ConfigWorkflow.run puts the bundle folder on sys.path again
     sys.path.insert(0, str(bundle))
     try:
         yield bundle
     finally:
-        if str(bundle) in sys.path:
-            sys.path.remove(str(bundle))
+        sys.path[:] = saved_path
         forget_bundle_package()
 
 

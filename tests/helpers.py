@@ -10,8 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -103,16 +102,8 @@ def load_module(path: Path, name: str | None = None) -> ModuleType:
     return module
 
 
-@contextmanager
-def in_bundle(bundle: Path) -> Iterator[Path]:
-    """Within the block, the bundle's ``scripts`` package is the one imported (``bundle_env.bundle_imports``), and
-    ``sys.path`` is restored after it (``ConfigWorkflow.run`` adds the bundle folder and never removes it)."""
-    saved = list(sys.path)
-    try:
-        with bundle_imports(bundle) as path:
-            yield path
-    finally:
-        sys.path[:] = saved
+# Within the block, the bundle's ``scripts`` package is the one imported, and ``sys.path`` is restored after it.
+in_bundle = bundle_imports
 
 
 def bundle_scripts_module(bundle: Path, name: str) -> ModuleType:
