@@ -33,6 +33,22 @@ def test_checkpoint_keeps_the_fusion_module_for_resume(semi_dataset, tmp_path):
     assert {"model", "sfm", "optimizer", "lr_scheduler", "trainer"} <= set(checkpoint)
 
 
+def test_ema_teacher_ramp_and_term_activity_in_a_bundle_run(semi_dataset, tmp_path):
+    """The options of the 3D study, all on: the EMA teacher is checkpointed for resume, and the log holds each
+    term's per-class pass share and its gradient norm on the backbone."""
+    metrics = train(tmp_path, semi_dataset, ema_decay=0.99, unlabeled_rampup=10, term_gradient_interval=1)
+    checkpoint = torch.load(tmp_path / "models/checkpoint_epoch=1.pt", weights_only=True)
+    assert {"model", "sfm", "ema_teacher"} <= set(checkpoint)
+    teacher = checkpoint["ema_teacher"]
+    # one iteration: the warm-up makes the teacher a copy of the student after its first step
+    for name, value in checkpoint["model"].items():
+        torch.testing.assert_close(teacher[f"backbone.{name}"], value)
+    for term in ("supervised", "unlabeled", "intra", "cross"):
+        assert f"train_grad_{term}" in metrics, metrics
+    for term in ("unlabeled", "intra", "cross"):
+        assert all(0 <= metrics[f"train_{term}_pass_{c}"] <= 1 for c in range(3)), metrics
+
+
 def test_fixmatch_with_an_unlabeled_folder_saves_no_fusion_module(synthetic_dataset, tmp_path):
     """Plain FixMatch (the registry's ``fixmatch`` arm) on a fully labeled dataset whose unlabeled images come from
     an imagesUnlabeled/ folder."""

@@ -19,6 +19,7 @@ from monai.losses import DiceCELoss
 SEMSIM_BUNDLE = BUNDLES / "semsim_segmentation"
 semsim = bundle_module(SEMSIM_BUNDLE, "semsim")
 sfm = bundle_module(SEMSIM_BUNDLE, "sfm")
+semsim_training = bundle_module(SEMSIM_BUNDLE, "semsim_training")
 
 
 def plain_masked_dice(p: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
@@ -209,7 +210,7 @@ def test_intra_term_by_a_dense_computation(confidence, tau):
     mix[0, :, 1:6, 2:5] = 1
     partner = torch.tensor([1, 0])
     loss = semsim.SemSimLoss(k, affinity_max_tokens=4, intra_confidence=confidence, confidence_threshold=tau)
-    value = loss.intra_term(p_weak, torch.softmax(logits, 1), f_weak, f_strong, mix, partner)
+    value, _ = loss.intra_term(p_weak, torch.softmax(logits, 1), f_weak, f_strong, mix, partner)
     p_strong = torch.softmax(logits, 1).detach()
     refined_weak = torch.stack([dense_refine_2d(p_weak[b], block_mean(f_weak, (2, 2))[b], 0.1) for b in range(2)])
     p_in = torch.stack([dense_refine_2d(p_strong[b], block_mean(f_strong, (2, 2))[b], 0.1) for b in range(2)])
@@ -242,8 +243,8 @@ def test_a_thin_foreground_class_entering_the_mask_gets_a_gradient():
     cls, onehot, p_weak, features = thin_sheet_case()
     logits = (2.0 * onehot).requires_grad_()
     no_mix, partner = torch.zeros(1, 1, *cls.shape[1:]), torch.tensor([0])
-    value = semsim.SemSimLoss(3).intra_term(p_weak, torch.softmax(logits, 1), features, features.clone(), no_mix,
-                                            partner)
+    value, _ = semsim.SemSimLoss(3).intra_term(p_weak, torch.softmax(logits, 1), features, features.clone(),
+                                               no_mix, partner)
     value.backward()
     sheet = cls[0] == 1
     foreground = logits.grad[0, 1][sheet].abs().mean()
@@ -251,8 +252,8 @@ def test_a_thin_foreground_class_entering_the_mask_gets_a_gradient():
     assert foreground > background, (foreground, background)  # per voxel: the sheet has 1/15 of the voxels
     # a confident, correct strong view: no floor of (K - 1) / K = 2/3 from the absent class 2 (what remains is the
     # sheet's refined p_in, diluted by the coarse propagated term)
-    exact = semsim.SemSimLoss(3).intra_term(p_weak, torch.softmax(20 * onehot, 1), features, features, no_mix,
-                                            partner)
+    exact, _ = semsim.SemSimLoss(3).intra_term(p_weak, torch.softmax(20 * onehot, 1), features, features, no_mix,
+                                               partner)
     assert exact.item() < 0.25
 
 
@@ -263,7 +264,7 @@ def test_the_papers_refined_mask_is_an_option():
     logits = (2.0 * onehot).requires_grad_()
     no_mix, partner = torch.zeros(1, 1, *cls.shape[1:]), torch.tensor([0])
     loss = semsim.SemSimLoss(3, intra_confidence="refined")
-    loss.intra_term(p_weak, torch.softmax(logits, 1), features, features, no_mix, partner).backward()
+    loss.intra_term(p_weak, torch.softmax(logits, 1), features, features, no_mix, partner)[0].backward()
     sheet = cls[0] == 1
     # the sheet's class gets only what reaches it through the propagated term of background voxels
     assert logits.grad[0, 1][sheet].abs().mean() < 0.1 * logits.grad[0, 0][~sheet].abs().mean()
@@ -385,7 +386,7 @@ def test_cross_term_is_masked_by_tau_by_hand():
     loss = semsim.SemSimLoss(num_classes=2, prototype_grid=1)
     features_labeled, label, features_weak, features_strong2 = cross_case()
     no_mix, partner = torch.zeros(1, 1, 1, 2), torch.tensor([0])
-    cross = loss.cross_term(features_labeled, label, features_weak, features_strong2, no_mix, partner)
+    cross, _ = loss.cross_term(features_labeled, label, features_weak, features_strong2, no_mix, partner)
     # voxel B is below tau and counts as 0 in the mean over both voxels; one labeled volume: Ubar = 1
     assert cross.item() == pytest.approx(math.log1p(math.exp(10.0)) / 2, rel=1e-5)
 
@@ -457,7 +458,7 @@ def test_cross_term_by_a_dense_computation_with_prototypes_per_labeled_volume():
     features_labeled, label, features_weak, features_strong2, mix, partner = cross_volumes_case()
     groups = torch.tensor([5, 5, 2, 2])  # any ids
     loss = semsim.SemSimLoss(num_classes=3, uncertainty_sharpness=200.0, confidence_threshold=0.9)
-    cross = loss.cross_term(features_labeled, label, features_weak, features_strong2, mix, partner, groups)
+    cross, _ = loss.cross_term(features_labeled, label, features_weak, features_strong2, mix, partner, groups)
     label_grid = label[:, :, 1::2, 1::2]  # nearest-exact: the label at each 2x2 cell's centre
     mix_grid = block_mean(mix, (4, 4))
     expected = dense_cross_term(features_labeled, label_grid, groups.tolist(), features_weak,
@@ -476,13 +477,13 @@ def test_crops_of_one_labeled_volume_are_one_labeled_image():
     is the tau-masked CE."""
     features_labeled, label, features_weak, features_strong2, mix, partner = cross_volumes_case()
     loss = semsim.SemSimLoss(num_classes=3, confidence_threshold=0.9)
-    one_volume = loss.cross_term(features_labeled, label, features_weak, features_strong2, mix, partner,
-                                 torch.zeros(4, dtype=torch.long))
+    one_volume, _ = loss.cross_term(features_labeled, label, features_weak, features_strong2, mix, partner,
+                                    torch.zeros(4, dtype=torch.long))
     label_grid, mix_grid = label[:, :, 1::2, 1::2], block_mean(mix, (4, 4))
     masked_ce = dense_cross_term(features_labeled, label_grid, [0] * 4, features_weak, features_strong2.detach(),
                                  mix_grid, partner.tolist(), 3, sharpness=0.0, tau=0.9)
     assert one_volume.item() == pytest.approx(masked_ce.item(), rel=1e-5) and masked_ce > 0
-    per_crop = loss.cross_term(features_labeled, label, features_weak, features_strong2, mix, partner)
+    per_crop, _ = loss.cross_term(features_labeled, label, features_weak, features_strong2, mix, partner)
     assert per_crop < 0.1 * one_volume  # each crop its own j (the old behaviour): r = 1000 zeroes the weight
     similarity = torch.randn(2, 1, 3, 4, 4)
     assert torch.equal(semsim.uncertainty_weight(similarity, torch.ones(1, 3, dtype=torch.bool), 1000.0),
@@ -571,8 +572,13 @@ def test_without_similarity_terms_it_is_fixmatch():
     l_u = (strong + perturbed) / 2
     assert 0 < (confidence >= 0.95).float().mean() < 1
     assert total.item() == pytest.approx(0.5 * (l_s + 0.5 * l_u).item(), abs=1e-6)
-    assert set(loss.terms) == {"supervised", "unlabeled", "confident_fraction", "total"}
+    passing = {f"unlabeled_pass_{c}" for c in range(3)}
+    assert set(loss.terms) == {"supervised", "unlabeled", "confident_fraction", "total"} | passing
     assert loss.terms["confident_fraction"].item() == pytest.approx((confidence >= 0.95).float().mean().item())
+    for c in range(3):  # the share of the voxels pseudo-labelled c that pass tau
+        voxels = pseudo == c
+        expected = ((confidence >= 0.95) & voxels).sum() / voxels.sum() if voxels.any() else torch.tensor(0.0)
+        assert loss.terms[f"unlabeled_pass_{c}"].item() == pytest.approx(expected.item())
     # without the feature-perturbed pass L_u is the strong-view Dice alone
     del outputs["fp"]
     assert loss(outputs, label).item() == pytest.approx(0.5 * (l_s + 0.5 * strong).item(), abs=1e-6)
@@ -583,7 +589,9 @@ def test_full_loss_weights_the_terms_and_sends_gradients_where_the_paper_says():
     loss = semsim.SemSimLoss(3)
     total = loss(outputs, label)
     terms = loss.terms
-    assert set(terms) == {"supervised", "unlabeled", "intra", "cross", "confident_fraction", "total"}
+    passing = {f"{term}_pass_{c}" for term in ("unlabeled", "intra", "cross") for c in range(3)}
+    assert set(terms) == {"supervised", "unlabeled", "intra", "cross", "confident_fraction", "total"} | passing
+    assert all(0 <= terms[name] <= 1 for name in passing) and any(terms[f"intra_pass_{c}"] > 0 for c in (1, 2))
     assert all(terms[name] > 0 for name in ("supervised", "unlabeled", "intra", "cross"))
     expected = 0.5 * (terms["supervised"] + 0.5 * terms["unlabeled"] + 0.25 * terms["intra"] + 0.25 * terms["cross"])
     assert total.item() == pytest.approx(expected.item(), abs=1e-6)
@@ -711,3 +719,45 @@ def test_sfm_parameter_count_is_near_the_papers():
     count = sum(p.numel() for p in module.parameters())
     print(f"SFM parameters (D = 128, 2D, in_channels 32/64/128): {count / 1e6:.3f} M (paper: 0.79 M)")
     assert 0.4e6 < count < 1.2e6
+
+
+def test_ramp_scales_every_unlabeled_term_and_follows_the_sigmoid_schedule():
+    outputs, label = semsim_outputs()
+    loss = semsim.SemSimLoss(3)
+    full = loss(outputs, label).item()
+    terms = dict(loss.terms)
+    loss.ramp = 0.25
+    ramped = loss(outputs, label).item()
+    unlabeled = 0.5 * terms["unlabeled"] + 0.25 * terms["intra"] + 0.25 * terms["cross"]
+    assert ramped == pytest.approx(0.5 * (terms["supervised"] + 0.25 * unlabeled).item(), abs=1e-6)
+    assert full == pytest.approx(0.5 * (terms["supervised"] + unlabeled).item(), abs=1e-6)
+    ramp = semsim_training.UnlabeledRamp(loss, iterations=100)
+    assert ramp.weight(1) == pytest.approx(math.exp(-5))  # the first iteration: t = 0
+    assert ramp.weight(51) == pytest.approx(math.exp(-5 * 0.25))
+    assert ramp.weight(101) == ramp.weight(5000) == 1.0
+    assert semsim_training.UnlabeledRamp(loss, iterations=0).weight(1) == 1.0  # off: the paper's constant weights
+    with pytest.raises(ValueError, match="unlabeled_rampup"):
+        semsim_training.UnlabeledRamp(loss, iterations=-1)
+
+
+def test_term_gradient_norms_are_each_terms_own_gradient_on_the_backbone():
+    torch.manual_seed(0)
+    backbone = torch.nn.Conv2d(1, 3, 1)
+    image = torch.randn(4, 1, 8, 8)
+    outputs, label = semsim_outputs(features=False, fp=False)
+    logits = backbone(image)
+    outputs["labeled"], outputs["strong1"] = logits[:2], logits[2:]
+    loss = semsim.SemSimLoss(3, intra_weight=0, cross_weight=0, gradient_interval=2, gradient_module=backbone)
+    loss(outputs, label)
+    assert not any(name.startswith("grad_") for name in loss.terms)  # only every 2nd call
+    total = loss(outputs, label)
+    # each norm equals the norm of the gradient of that weighted term alone
+    supervised = 0.5 * DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.5, lambda_dice=0.5)(
+        outputs["labeled"], label)
+    expected = torch.cat([g.flatten() for g in torch.autograd.grad(supervised, list(backbone.parameters()),
+                                                                  retain_graph=True)]).norm()
+    assert loss.terms["grad_supervised"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.terms["grad_unlabeled"] > 0
+    total.backward()  # the graph is kept for the trainer's own backward
+    with pytest.raises(ValueError, match="gradient_module"):
+        semsim.SemSimLoss(3, gradient_interval=5)

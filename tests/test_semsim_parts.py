@@ -262,3 +262,37 @@ def test_strong2_early_exit_gives_the_full_pass_features_without_the_decoder():
     handle.remove()
     assert decoder_calls == [1]
     assert torch.allclose(early, full, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- EMA teacher
+
+
+def test_ema_teacher_makes_the_targets_and_moves_by_the_mean_teacher_rule():
+    network, inputs = semsim_network()
+    teacher = training.EmaTeacher(network.backbone, network.sfm, network.fusion, decay=0.9)
+    network.teacher = teacher
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a teacher that differs from the student
+    assert not any(p.requires_grad for p in teacher.parameters())
+    out = network(inputs)
+    with torch.no_grad():
+        expected_logits, expected_features = teacher(torch.cat([inputs["image"], inputs["unlabeled_image"]]))
+    torch.testing.assert_close(out["weak"], expected_logits[2:])
+    torch.testing.assert_close(out["features_weak"], expected_features[2:])
+    torch.testing.assert_close(out["features_labeled_target"], expected_features[:2])
+    assert out["labeled"].requires_grad and out["features_labeled"].requires_grad
+    assert not out["weak"].requires_grad
+    # the update: a = min(decay, 1 - 1/(step + 1)); step 0 copies the student
+    before = [p.clone() for p in teacher.parameters()]
+    student = list(network.backbone.parameters()) + list(network.sfm.parameters())
+    teacher.update(network.backbone, network.sfm, step=4)  # a = min(0.9, 0.8) = 0.8
+    for t, b, s in zip(teacher.parameters(), before, student):
+        torch.testing.assert_close(t, 0.8 * b + 0.2 * s)
+    teacher.update(network.backbone, network.sfm, step=0)
+    for t, s in zip(teacher.parameters(), student):
+        torch.testing.assert_close(t, s)
+    network.remove_hooks()
+    assert hook_count(teacher.backbone) == 0
+    with pytest.raises(ValueError, match="ema_decay"):
+        training.EmaTeacher(network.backbone, network.sfm, network.fusion, decay=1.0)

@@ -285,6 +285,10 @@ class SemSimLoss(torch.nn.Module):
             4 for whole, roughly aligned 2D slices.
         prototype_temperature: T of the cross-image prediction (:func:`prototype_logits`).
         uncertainty_sharpness: r of the uncertainty weight (1000), on untempered similarities.
+        gradient_interval: every this many calls, also log each term's gradient norm on ``gradient_module``'s
+            parameters (``grad_<term>``: one extra backward pass per term on those calls); 0 (default) never.
+        gradient_module: the module whose parameters those norms are taken on, the backbone; not a submodule of the
+            loss (it is not saved with it).
 
     ``forward(outputs, label)`` reads the network's output dict (keys below) and the labels (B_l, 1, *S):
 
@@ -299,7 +303,12 @@ class SemSimLoss(torch.nn.Module):
 
     After each call ``terms`` holds the detached "supervised", "unlabeled", "intra", "cross" (those computed),
     "total" and, with L_u, "confident_fraction" (weak-view voxels with max p_w >= tau): the same ``terms`` interface
-    as the template's ``RegularisedLoss``, which ``LossTermsHandler`` logs as ``train_<term>``.
+    as the template's ``RegularisedLoss``, which ``LossTermsHandler`` logs as ``train_<term>``. The activity of each
+    unlabeled term is logged with it: "<term>_pass_<c>", the share of the voxels pseudo-labelled c that pass its tau
+    mask (weak-view confidence for "unlabeled" and "intra", prototype confidence for "cross"), and every
+    ``gradient_interval`` calls "grad_<term>", the term's gradient norm on the backbone (weighted as in the total).
+
+    ``ramp`` (default 1) scales lam_u, lam_intra and lam_cross; :class:`UnlabeledRamp` sets it per iteration.
 
     SemSim is not a regulariser of ``RegularisedLoss`` and does not stack with the other methods: its terms need the
     semi-supervised training step (labelled and unlabelled batches, weak and strong views, CutMix, the fusion module
@@ -319,6 +328,8 @@ class SemSimLoss(torch.nn.Module):
         prototype_temperature: float = 0.1,
         uncertainty_sharpness: float = 1000.0,
         intra_confidence: str = "weak",
+        gradient_interval: int = 0,
+        gradient_module: torch.nn.Module | None = None,
     ) -> None:
         super().__init__()
         weights = {"unlabeled_weight": unlabeled_weight, "intra_weight": intra_weight, "cross_weight": cross_weight}
@@ -338,6 +349,11 @@ class SemSimLoss(torch.nn.Module):
             )
         if intra_confidence not in ("weak", "refined"):
             raise ValueError(f"intra_confidence must be 'weak' or 'refined', got {intra_confidence!r}")
+        if gradient_interval < 0 or (gradient_interval and gradient_module is None):
+            raise ValueError(
+                f"gradient_interval must be >= 0 (0: off), got {gradient_interval}; a positive interval needs "
+                "gradient_module, the backbone whose parameters the norms are taken on"
+            )
         self.num_classes = num_classes
         self.intra_confidence = intra_confidence
         self.unlabeled_weight, self.intra_weight, self.cross_weight = unlabeled_weight, intra_weight, cross_weight
@@ -348,27 +364,34 @@ class SemSimLoss(torch.nn.Module):
         # Eq. 2: L_s = 1/2 (CE + Dice)
         self.supervised_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.5, lambda_dice=0.5)
         self.terms: dict[str, torch.Tensor] = {}
+        self.ramp = 1.0
+        self.gradient_interval = gradient_interval
+        # a list, so that the backbone is not registered as a submodule of the loss
+        self._gradient_modules = [gradient_module] if gradient_module is not None else []
+        self._calls = 0
 
     def forward(self, outputs: Mapping[str, torch.Tensor], label: torch.Tensor) -> torch.Tensor:
         with _fp32(outputs["labeled"].device):
             return self._forward(outputs, label)
 
     def _forward(self, outputs: Mapping[str, torch.Tensor], label: torch.Tensor) -> torch.Tensor:
-        terms = {"supervised": self.supervised_loss(outputs["labeled"].float(), label)}
-        total = terms["supervised"]
+        losses = {"supervised": self.supervised_loss(outputs["labeled"].float(), label)}
+        weights = {"supervised": 1.0}
+        activity: dict[str, torch.Tensor] = {}
         if self.unlabeled_weight or self.intra_weight:
             _require(outputs, ("weak", "strong1", "mix1", "partner"), "unlabeled_weight or intra_weight > 0")
             # float32 throughout: softmax, affinities and logsumexp are not AMP-safe in half precision
             p_weak = torch.softmax(outputs["weak"].detach().float(), dim=1)
             p_strong1 = torch.softmax(outputs["strong1"].float(), dim=1)
         if self.unlabeled_weight:
-            terms["unlabeled"], terms["confident_fraction"] = self.unlabeled_term(
+            losses["unlabeled"], activity["confident_fraction"], passing = self.unlabeled_term(
                 p_weak, p_strong1, outputs["mix1"], outputs["partner"], outputs.get("fp")
             )
-            total = total + self.unlabeled_weight * terms["unlabeled"]
+            weights["unlabeled"] = self.ramp * self.unlabeled_weight
+            activity.update(_named("unlabeled_pass", passing))
         if self.intra_weight:
             _require(outputs, ("features_weak", "features_strong1"), "intra_weight > 0")
-            terms["intra"] = self.intra_term(
+            losses["intra"], passing = self.intra_term(
                 p_weak,
                 p_strong1,
                 outputs["features_weak"].float(),
@@ -376,14 +399,15 @@ class SemSimLoss(torch.nn.Module):
                 outputs["mix1"],
                 outputs["partner"],
             )
-            total = total + self.intra_weight * terms["intra"]
+            weights["intra"] = self.ramp * self.intra_weight
+            activity.update(_named("intra_pass", passing))
         if self.cross_weight:
             _require(
                 outputs,
                 ("features_labeled", "features_weak", "features_strong2", "mix2", "partner"),
                 "cross_weight > 0",
             )
-            terms["cross"] = self.cross_term(
+            losses["cross"], passing = self.cross_term(
                 outputs["features_labeled"].float(),
                 label,
                 outputs["features_weak"].float(),
@@ -391,12 +415,27 @@ class SemSimLoss(torch.nn.Module):
                 outputs["mix2"],
                 outputs["partner"],
                 outputs.get("labeled_source"),
+                outputs.get("features_labeled_target"),
             )
-            total = total + self.cross_weight * terms["cross"]
-        total = total / 2  # Eq. 19
-        terms["total"] = total
-        self.terms = {name: value.detach() for name, value in terms.items()}
+            weights["cross"] = self.ramp * self.cross_weight
+            activity.update(_named("cross_pass", passing))
+        total = sum(weights[name] * value for name, value in losses.items()) / 2  # Eq. 19
+        self._calls += 1
+        if self.gradient_interval and self._calls % self.gradient_interval == 0 and total.requires_grad:
+            activity.update(self._gradient_norms({name: weights[name] * value / 2 for name, value in losses.items()}))
+        self.terms = {name: value.detach() for name, value in {**losses, **activity, "total": total}.items()}
         return total
+
+    def _gradient_norms(self, weighted: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """ "grad_<term>": the L2 norm of d(weighted term)/d(backbone parameters), each term on its own."""
+        parameters = [p for p in self._gradient_modules[0].parameters() if p.requires_grad]
+        norms = {}
+        for name, value in weighted.items():
+            if not value.requires_grad:
+                continue
+            grads = torch.autograd.grad(value, parameters, retain_graph=True, allow_unused=True)
+            norms[f"grad_{name}"] = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
+        return norms
 
     def unlabeled_term(
         self,
@@ -411,14 +450,14 @@ class SemSimLoss(torch.nn.Module):
         L_u = 1/2 (Dice_strong1 + Dice_fp), Dice_fp against the unmixed pseudo-label.
 
         p_weak (detached), p_strong1 (B_u, K, *S) probabilities; mix (B_u, 1, *S); partner (B_u,). Returns
-        (L_u, the fraction of weak-view voxels passing tau).
+        (L_u, the fraction of weak-view voxels passing tau, the share passing per pseudo-label class (K,)).
         """
         confidence, pseudo = p_weak.max(dim=1, keepdim=True)
         confident = (confidence >= self.confidence_threshold).float()
         loss = masked_dice(p_strong1, cutmix_target(pseudo, mix, partner), cutmix_target(confident, mix, partner))
         if logits_fp is not None:
             loss = (loss + masked_dice(torch.softmax(logits_fp.float(), dim=1), pseudo, confident)) / 2
-        return loss, confident.mean()
+        return loss, confident.mean(), pass_share(pseudo, confident, p_weak.shape[1])
 
     def intra_term(
         self,
@@ -452,7 +491,7 @@ class SemSimLoss(torch.nn.Module):
             target = cutmix_target(pseudo, mix, partner)
             confident = cutmix_target((confidence >= self.confidence_threshold).float(), mix, partner)
         p_in = refine_by_affinity(p_strong1, pool_to_size(features_strong1, grid), self.affinity_temperature)
-        return present_class_dice(p_in, target, confident)
+        return present_class_dice(p_in, target, confident), pass_share(target, confident, p_weak.shape[1])
 
     def cross_term(
         self,
@@ -463,7 +502,8 @@ class SemSimLoss(torch.nn.Module):
         mix: torch.Tensor,
         partner: torch.Tensor,
         groups: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        features_labeled_target: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 13: L_cross = mean over voxels of 1(max p2_w >= tau) * Ubar * CE(p_cr(strong 2), argmax p2_w).
 
         features_labeled (B_l, D, *G) with the labels (B_l, 1, *S) resized to G; features_weak, features_strong2
@@ -473,7 +513,11 @@ class SemSimLoss(torch.nn.Module):
 
         Gradient flows into the strong-view-2 features and, through the prototypes, into the labeled features (the
         same forward pass, not a second no-grad one). p2_w (from detached prototypes) and Ubar are detached. Masked
-        voxels count as 0 in the mean, as UniMatch averages its masked CE.
+        voxels count as 0 in the mean, as UniMatch averages its masked CE. With an EMA teacher,
+        ``features_labeled_target`` (B_l, D, *G) are the teacher's labeled features, and p2_w is made from the
+        teacher's prototypes and weak features, both sides of the target from one network.
+
+        Returns (L_cross, the share of voxels passing tau per pseudo-label class (K,)).
         """
         grid = features_labeled.shape[2:]
         # nearest-exact: the label at each cell's centre (plain "nearest" takes its first corner); a plain tensor,
@@ -483,7 +527,12 @@ class SemSimLoss(torch.nn.Module):
             features_labeled, label_grid, self.num_classes, self.prototype_grid, groups
         )
         with torch.no_grad():
-            similarity_weak = prototype_similarity(features_weak, prototypes.detach(), self.prototype_grid)
+            target_prototypes = prototypes.detach()
+            if features_labeled_target is not None:
+                target_prototypes = local_prototypes(
+                    features_labeled_target.float(), label_grid, self.num_classes, self.prototype_grid, groups
+                )[0]
+            similarity_weak = prototype_similarity(features_weak, target_prototypes, self.prototype_grid)
             confidence, pseudo = (
                 prototype_logits(similarity_weak, present, self.prototype_temperature).exp().max(dim=1, keepdim=True)
             )
@@ -495,7 +544,21 @@ class SemSimLoss(torch.nn.Module):
         cross_entropy = F.nll_loss(
             prototype_logits(similarity, present, self.prototype_temperature), target, reduction="none"
         )
-        return (confident * weight * cross_entropy).mean()
+        passing = pass_share(target[:, None], confident[:, None], self.num_classes)
+        return (confident * weight * cross_entropy).mean(), passing
+
+
+def pass_share(pseudo: torch.Tensor, confident: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(K,) share of the voxels pseudo-labelled c that pass the tau mask, per class c (0 where no voxel is c).
+
+    pseudo (B, 1, *S) class indices, confident (B, 1, *S) the 0/1 mask of the same voxels."""
+    labelled = one_hot(pseudo, num_classes).flatten(2).sum((0, 2))
+    passing = one_hot(pseudo, num_classes).mul(confident).flatten(2).sum((0, 2))
+    return passing / labelled.clamp(min=1)
+
+
+def _named(prefix: str, per_class: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {f"{prefix}_{c}": value for c, value in enumerate(per_class)}
 
 
 def _require(outputs: Mapping[str, torch.Tensor], keys: Sequence[str], why: str) -> None:

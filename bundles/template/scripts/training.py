@@ -8,7 +8,7 @@ import logging
 import os
 import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 
 import torch
@@ -28,13 +28,14 @@ class LossTermsHandler:
     """Put the epoch mean of each loss term into ``engine.state.metrics`` as ``train_<term>``.
 
     ``loss_function.terms`` must map term names to detached scalar tensors of the last call. Attach this handler
-    before StatsHandler and TensorBoardStatsHandler so they log the terms at the end of each epoch.
+    before StatsHandler and TensorBoardStatsHandler so they log the terms at the end of each epoch. A term present
+    in only some iterations (logged every few) is averaged over those.
     """
 
     def __init__(self, loss_function: torch.nn.Module) -> None:
         self.loss_function = loss_function
         self._sums: dict[str, float] = defaultdict(float)
-        self._count = 0
+        self._counts: Counter[str] = Counter()
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
@@ -43,16 +44,16 @@ class LossTermsHandler:
 
     def _reset(self, engine: Engine) -> None:
         self._sums.clear()
-        self._count = 0
+        self._counts.clear()
 
     def _accumulate(self, engine: Engine) -> None:
         for name, value in self.loss_function.terms.items():
             self._sums[name] += float(value)
-        self._count += 1
+            self._counts[name] += 1
 
     def _publish(self, engine: Engine) -> None:
         for name, total in self._sums.items():
-            engine.state.metrics[f"train_{name}"] = total / max(self._count, 1)
+            engine.state.metrics[f"train_{name}"] = total / self._counts[name]
 
 
 def metric_name(class_name: str) -> str:

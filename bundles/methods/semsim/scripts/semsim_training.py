@@ -14,12 +14,14 @@ Only the backbone is saved as the model, so inference and export are those of th
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
 from monai.networks import nets
 
@@ -299,6 +301,11 @@ class SemSimNetwork(torch.nn.Module):
     "mix1", "mix2", "partner" and "labeled_source" (when present) are passed through. ``remove_hooks()`` detaches
     every forward hook the module put on the backbone.
 
+    With an :class:`EmaTeacher` (an option, off by default: a departure from the paper, which takes its
+    pseudo-labels and prototypes from the student), pass 1 runs the student on the labeled view only, and the
+    teacher, without gradient, on labeled + weak: "weak" and "features_weak" are the teacher's, and
+    "features_labeled_target" its labeled features, from which the cross-image target's prototypes are made.
+
     Args:
         backbone: the segmentation network (its ``state_dict`` is the bundle's model).
         sfm: the Spatial-aware Fusion Module on the ``fusion`` stages, or None.
@@ -306,6 +313,7 @@ class SemSimNetwork(torch.nn.Module):
         perturbed: modules for the feature-perturbation pass (:func:`perturbed_stages`).
         feature_perturbation: run pass 3.
         feature_dropout: its channel-dropout probability, 0.5.
+        teacher: an :class:`EmaTeacher` of ``backbone`` and ``sfm``, or None (default).
     """
 
     def __init__(
@@ -316,6 +324,7 @@ class SemSimNetwork(torch.nn.Module):
         perturbed: Sequence[str] = (),
         feature_perturbation: bool = True,
         feature_dropout: float = 0.5,
+        teacher: EmaTeacher | None = None,
     ) -> None:
         super().__init__()
         if sfm is not None and not fusion:
@@ -325,6 +334,7 @@ class SemSimNetwork(torch.nn.Module):
         self.taps = FeatureTaps(backbone, self.fusion) if sfm is not None else None
         self._deepest_fused = dict(unwrap(backbone).named_modules())[self.fusion[-1]] if sfm is not None else None
         self.dropout = ChannelDropout(backbone, perturbed, feature_dropout) if feature_perturbation else None
+        self.teacher = teacher
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Load a full checkpoint, or the backbone's own such as ``models/model.pt`` (no ``backbone.`` keys).
@@ -363,14 +373,24 @@ class SemSimNetwork(torch.nn.Module):
             return {"labeled": self.backbone(labeled)}
         weak = inputs["unlabeled_image"]
         n_labeled, n_unlabeled = labeled.shape[0], weak.shape[0]
-        logits = self.backbone(torch.cat([labeled, weak]))
-        out = dict(zip(("labeled", "weak"), logits.split([n_labeled, n_unlabeled])))
-        if self.sfm is not None:
-            tapped = self.taps.pop()
-            stages = [tapped[name] for name in self.fusion]
-            out["features_labeled"] = self.sfm([stage[:n_labeled] for stage in stages])
-            with torch.no_grad():  # the weak view's features only make targets (p1_w, p2_w), which carry no gradient
-                out["features_weak"] = self.sfm([stage[n_labeled:] for stage in stages])
+        if self.teacher is not None:
+            out = {"labeled": self.backbone(labeled)}
+            if self.sfm is not None:
+                out["features_labeled"] = self._features()
+            with torch.no_grad():
+                logits, features = self.teacher(torch.cat([labeled, weak]))
+            out["weak"] = logits[n_labeled:]
+            if features is not None:
+                out["features_labeled_target"], out["features_weak"] = features.split([n_labeled, n_unlabeled])
+        else:
+            logits = self.backbone(torch.cat([labeled, weak]))
+            out = dict(zip(("labeled", "weak"), logits.split([n_labeled, n_unlabeled])))
+            if self.sfm is not None:
+                tapped = self.taps.pop()
+                stages = [tapped[name] for name in self.fusion]
+                out["features_labeled"] = self.sfm([stage[:n_labeled] for stage in stages])
+                with torch.no_grad():  # the weak view's features only make targets (p1_w, p2_w): no gradient
+                    out["features_weak"] = self.sfm([stage[n_labeled:] for stage in stages])
         out["strong1"] = self.backbone(inputs["unlabeled_strong1"])
         if self.sfm is not None:
             out["features_strong1"] = self._features()
@@ -389,9 +409,113 @@ class SemSimNetwork(torch.nn.Module):
     def remove_hooks(self) -> None:
         """Detach the feature taps and the channel-dropout hooks from the backbone (the early-exit hook of the
         strong-2 pass is removed after every pass)."""
-        for hooks in (self.taps, self.dropout):
+        for hooks in (self.taps, self.dropout, self.teacher):
             if hooks is not None:
                 hooks.remove()
+
+
+class EmaTeacher(torch.nn.Module):
+    """A mean teacher (Tarvainen and Valpola, NeurIPS 2017) of the backbone and the fusion module: copies whose
+    weights are the exponential moving average of the student's, updated by :class:`EmaUpdate` after every
+    optimiser step. An option of this bundle (``ema_decay`` > 0), off by default: the paper takes its
+    pseudo-labels and prototypes from the student itself.
+
+    ``forward(image)`` (B, C, *S) returns the teacher's logits (B, K, *S) and, with a fusion module, its features
+    (B, D, *S/4) (else None); call it under ``torch.no_grad()``. Its parameters never require gradient.
+    """
+
+    def __init__(
+        self, backbone: torch.nn.Module, sfm: torch.nn.Module | None, fusion: Sequence[str] | None, decay: float
+    ) -> None:
+        super().__init__()
+        if not 0 < decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1) for the EMA teacher (0 switches it off), got {decay}")
+        self.decay = decay
+        self.backbone = _hookless_copy(unwrap(backbone))
+        self.sfm = _hookless_copy(sfm) if sfm is not None else None
+        self.fusion = list(fusion or ())
+        self.taps = FeatureTaps(self.backbone, self.fusion, training_only=False) if self.sfm is not None else None
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = self.backbone(image)
+        if self.taps is None:
+            return logits, None
+        features = self.taps.pop()
+        return logits, self.sfm([features[name] for name in self.fusion])
+
+    @torch.no_grad()
+    def update(self, backbone: torch.nn.Module, sfm: torch.nn.Module | None, step: int) -> None:
+        """teacher <- a teacher + (1 - a) student, a = min(decay, 1 - 1 / (step + 1)) (the mean teacher's warm-up:
+        at step 0 the teacher becomes the student, so a model loaded into the student after this module was built,
+        such as a fine-tuning start, is taken over). Buffers are copied."""
+        alpha = min(self.decay, 1 - 1 / (step + 1))
+        pairs = [(self.backbone, unwrap(backbone))] + ([(self.sfm, sfm)] if self.sfm is not None else [])
+        for teacher, student in pairs:
+            for t, s in zip(teacher.parameters(), student.parameters()):
+                t.lerp_(s.detach(), 1 - alpha)
+            for t, s in zip(teacher.buffers(), student.buffers()):
+                t.copy_(s)
+
+    def remove(self) -> None:
+        if self.taps is not None:
+            self.taps.remove()
+
+
+def _hookless_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``module`` without gradient and without the student's forward hooks (feature taps, channel
+    dropout), which ``copy.deepcopy`` would otherwise copy along with their state."""
+    duplicate = copy.deepcopy(module).requires_grad_(False)
+    for submodule in duplicate.modules():
+        submodule._forward_hooks.clear()
+        submodule._forward_pre_hooks.clear()
+    return duplicate
+
+
+def ema_teacher(
+    backbone: torch.nn.Module, sfm: torch.nn.Module | None, fusion: Sequence[str] | None, decay: float
+) -> EmaTeacher | None:
+    """An :class:`EmaTeacher`, or None where ``decay`` is 0 (the default: no teacher)."""
+    return EmaTeacher(backbone, sfm, fusion, decay) if decay else None
+
+
+class EmaUpdate:
+    """After every iteration, moves the :class:`EmaTeacher` towards the student (``teacher`` None: does nothing),
+    with the trainer's iteration count as the step, so a resumed run continues the same schedule."""
+
+    def __init__(self, teacher: EmaTeacher | None, backbone: torch.nn.Module, sfm: torch.nn.Module | None) -> None:
+        self.teacher, self.backbone, self.sfm = teacher, backbone, sfm
+
+    def attach(self, engine: Engine) -> None:
+        if self.teacher is not None:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.teacher.update(self.backbone, self.sfm, engine.state.iteration - 1)
+
+
+class UnlabeledRamp:
+    """Ramps the unlabeled terms' weights (lam_u, lam_intra, lam_cross) up over the first ``iterations``
+    iterations, by the sigmoid-shaped exp(-5 (1 - t)^2), t = iteration / iterations (Laine and Aila, ICLR 2017;
+    the mean teacher's and UA-MT's ramp), setting ``loss.ramp`` before each iteration. An option of this bundle,
+    off by default (``unlabeled_rampup`` 0: weight 1 from the start, as in the paper)."""
+
+    def __init__(self, loss: torch.nn.Module, iterations: int) -> None:
+        if iterations < 0:
+            raise ValueError(f"unlabeled_rampup must be >= 0 iterations (0: no ramp), got {iterations}")
+        self.loss, self.iterations = loss, iterations
+
+    def weight(self, iteration: int) -> float:
+        """The ramp's factor before iteration ``iteration`` (1-based)."""
+        if not self.iterations:
+            return 1.0
+        t = min(1.0, (iteration - 1) / self.iterations)
+        return math.exp(-5.0 * (1.0 - t) ** 2)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.loss.ramp = self.weight(engine.state.iteration)
 
 
 def one_item_output(engine: SupervisedTrainer, batchdata: dict[str, Any]) -> list[dict[str, Any]]:
