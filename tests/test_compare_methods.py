@@ -104,6 +104,8 @@ def test_bad_own_data_is_refused_before_any_training(compare, synthetic_dataset,
     with pytest.raises(SystemExit, match=f"test label {label} not found"):
         compare.main([*base, "--dataset_dir", str(broken), "--out", str(tmp_path / "o2")])
     assert not (tmp_path / "o1" / "plans").exists() and not (tmp_path / "o2" / "plans").exists()
+    own = compare.parse_args(["--dataset_dir", str(broken), "--out", str(tmp_path / "o3")])
+    assert own.readme is None and own.results == tmp_path / "o3" / "report"  # the repository's report is left alone
 
 
 def test_paired_verdicts(paired_stats):
