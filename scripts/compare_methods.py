@@ -3,25 +3,29 @@
 For each method of the registry (``bundles/methods/<method>/method.json``: its arms, tasks, training stages, the
 arm it is measured against and its targets) this
 
-1. trains every arm on the real-MRI tasks of ``scripts/make_dataset.py`` (brain extraction on held-out heads and
-   bg/GM/WM tissue on disjoint MNI slabs; SemSim: both with one labeled case plus the unlabeled pool), over several
-   seeds, and evaluates the held-out cases, through ``scripts/accuracy_study.py``: the bundle's own configs
-   run by ``python -m monai.bundle run`` with overrides only;
-2. measures the training-step time, its peak memory and the sliding-window inference time of every arm with
-   ``scripts/benchmark.py`` (the bundle's own configs; ratios against the method's ``compare_against`` arm from one
-   interleaved run);
-3. runs each arm's seed-0 model through the bundle's ``configs/inference.json`` on the held-out case, for overlays;
-4. writes ``docs/results/``: ``README.md`` (tables: Dice and HD95 mean and spread per method, arm and task, the
-   cost ratios and inference time per volume, each against its target), ``per_case.csv`` (every case of every run),
-   ``summary.json``, and PNG plots: Dice per arm with its spread, validation-Dice curves, overlays; and the
-   headline table of the top README between its ``results`` markers.
+1. reads the data (the real-MRI tasks of ``scripts/make_dataset.py``: brain extraction on a held-out head and
+   bg/GM/WM tissue on a held-out MNI slab, SemSim's with one labelled case plus the unlabelled pool; or the user's
+   own with ``--dataset_dir``) and checks it before any training (``scripts/comparison_runs.py``);
+2. runs the bundle's plan step once per dataset (``configs/plan.json``): every run of it trains with that plan's
+   spacing, crop, batch and iterations per epoch, except where the profile overrides a setting explicitly;
+3. trains every arm for every seed with the same budget (paired: the same seeds for every arm), segments the
+   held-out images with the bundle's ``configs/inference.json`` (inverted to each image's own grid) and scores
+   them there (Dice and HD95 per class, ``scripts/recipe_benchmark.py``);
+4. measures the training-step time, its peak memory and the sliding-window inference time of every arm with
+   ``scripts/benchmark.py`` (ratios against the method's ``compare_against`` arm from one interleaved run);
+5. writes ``docs/results/`` (or ``--results``): ``README.md`` (the baseline's Dice against its target; per arm
+   the Dice and HD95 over seeds; the paired differences method − baseline per seed and held-out case with their
+   bootstrap 95 % interval and verdict, ``scripts/paired_stats.py``; the cost ratios), ``per_case.csv``,
+   ``summary.json``, PNG plots, and the headline table of the top README between its ``results`` markers.
 
-Everything is resumable: finished runs, benchmarks and predictions are kept under ``--out`` and not recomputed, a
+Before training it prints the number of runs and their estimated wall time (``--estimate`` stops there).
+Everything is resumable: finished plans, runs and benchmarks are kept under ``--out`` and not recomputed, and a
 half-finished training resumes from its checkpoint.
 
-    python scripts/compare_methods.py --profile cpu           # ~1 h on 2 CPU cores (small crops and budgets)
-    python scripts/compare_methods.py --profile gpu           # paper-sized crops and budgets, AMP, one GPU
-    python scripts/compare_methods.py --profile smoke --task synthetic --method selfreg --results /tmp/r  # tests
+    python scripts/compare_methods.py --profile cpu --estimate          # runs and estimated time, nothing trained
+    python scripts/compare_methods.py --profile cpu --epochs 2 --seeds 0 1 2 3 4 --method selfreg
+    python scripts/compare_methods.py --profile gpu                     # the plan's CUDA settings, one GPU
+    python scripts/compare_methods.py --dataset_dir DATA --method selfreg --target 0.8   # your data (MSD or JSON)
 """
 
 from __future__ import annotations
@@ -47,22 +51,25 @@ import numpy as np  # noqa: E402
 
 # scripts/ is this script's folder, first on sys.path: its tools import as top-level modules
 import accuracy_study  # noqa: E402
+import comparison_runs  # noqa: E402
 import demo  # noqa: E402
 import method_registry  # noqa: E402
+import paired_stats  # noqa: E402
+from accuracy_study import Run  # noqa: E402
+from comparison_runs import DatasetInputError  # noqa: E402
 from method_registry import Method  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
-# The crop, grid and optimiser settings every run of a profile shares (each bundle's own defaults otherwise).
-CPU_EXTRA = ("--learning_rate 2e-3 --num_samples 2 --spacing [2.0,2.0,2.0] --roi_size [32,32,16] "
-             "--num_workers 0 --iterations_per_epoch 0")
-GPU_EXTRA = "--num_samples 2 --spacing [1.0,1.0,1.0] --roi_size [96,96,96] --num_workers 4"
+OUT_MARKER = ".made_by_compare_methods"
 
 
 @dataclass(frozen=True)
 class Profile:
-    """A budget: epochs per run, the validation interval, the shared overrides, seeds, runs side by side, and the
-    options of ``scripts/benchmark.py`` (the same for every method)."""
+    """A budget: epochs per run (of the plan's iterations per epoch), the validation interval, the overrides every
+    run shares (each bundle's plan and defaults otherwise), seeds, runs side by side, the options of
+    ``scripts/benchmark.py``, and what the time estimate assumes: seconds of a training step per crop voxel with
+    one run's threads, and the rest of a run (start-ups, validation, inference, scoring)."""
 
     epochs: int
     val_interval: int
@@ -70,28 +77,55 @@ class Profile:
     seeds: tuple[int, ...]
     parallel: int
     benchmark: tuple[str, ...]
+    seconds_per_voxel: float
+    run_overhead_s: float
     caveat: str = ""
 
 
 PROFILES = {
-    # Sized for 60 minutes on 2 cores (docs/results/README.md has the measured wall time); the benchmark's --small
-    # networks (half-width backbones, the registry's small_run) at the CPU profile's crop.
-    "cpu": Profile(epochs=24, val_interval=8, extra=CPU_EXTRA, seeds=(0, 1, 2), parallel=2,
+    # The plan's CPU settings (3 mm heads, crops up to 64^3, 2 x 64^3 voxels and 50 iterations per epoch). A step
+    # of SegResNet (16 filters) on 2 x 64^3 voxels took 9.7-14 s on one thread of the shared 2-core machine (load
+    # 2-4): 2e-5 s per voxel. Two epochs (100 steps) are about what brought the brain baseline to 0.82 in the
+    # recipe's measurement (docs/recipe.md), so this profile is to be sized with --epochs, --seeds and --method
+    # until the baseline reaches its target and the estimate fits the machine.
+    "cpu": Profile(epochs=2, val_interval=1, extra="--num_workers 0", seeds=(0, 1, 2, 3, 4), parallel=2,
                    benchmark=("--device", "cpu", "--iters", "5", "--warmup", "1", "--small", "--roi", "64", "64", "32"),
-                   caveat="This is a CPU budget of a few dozen optimiser steps per run on small crops, far below "
-                          "the papers' and below the longer studies in each bundle's docs: it shows what each method "
-                          "does to a briefly trained baseline, not what it does at convergence."),
-    # The papers' crops and the bundles' own learning rates, with AMP (the bundles turn it on with CUDA).
-    "gpu": Profile(epochs=300, val_interval=10, extra=GPU_EXTRA, seeds=(0, 1, 2), parallel=1,
-                   benchmark=("--device", "cuda", "--iters", "20", "--warmup", "5", "--roi", "96", "96", "96")),
-    # For tests: one epoch, one seed, tiny crops.
+                   seconds_per_voxel=2e-5, run_overhead_s=90,
+                   caveat="This is a CPU budget of a few hundred optimiser steps per run, far below the papers': it "
+                          "shows what each method does to a briefly trained baseline, not at convergence; the "
+                          "baseline's score against its target says how brief."),
+    # The plan's CUDA settings and the bundles' own learning rates, with AMP (the bundles turn it on with CUDA).
+    "gpu": Profile(epochs=300, val_interval=10, extra="--num_workers 4", seeds=(0, 1, 2, 3, 4), parallel=1,
+                   benchmark=("--device", "cuda", "--iters", "20", "--warmup", "5", "--roi", "96", "96", "96"),
+                   seconds_per_voxel=5e-8, run_overhead_s=120),
+    # For tests: one epoch of one pass over tiny data, tiny crops set explicitly over the plan's.
     "smoke": Profile(epochs=1, val_interval=1,
-                     extra="--learning_rate 2e-3 --num_samples 1 --spacing [1.5,1.5,1.5] --roi_size [24,24,24] "
+                     extra="--num_samples 1 --batch_size 1 --spacing [1.5,1.5,1.5] --roi_size [24,24,24] "
                            "--num_workers 0 --iterations_per_epoch 0",
                      seeds=(0,), parallel=1,
                      benchmark=("--device", "cpu", "--iters", "1", "--warmup", "0", "--small", "--roi", "16", "16",
-                                "16", "--volume", "24", "24", "24")),
+                                "16", "--volume", "24", "24", "24"),
+                     seconds_per_voxel=2e-5, run_overhead_s=30),
 }
+HOW_TO = """## How to run on your data
+
+```bash
+python scripts/compare_methods.py --dataset_dir DATA --method selfreg --target 0.85 --estimate   # check, plan, time
+python scripts/compare_methods.py --dataset_dir DATA --method selfreg --target 0.85 --epochs 4 --seeds 0 1 2 3 4
+```
+
+`DATA` is an MSD folder (`dataset.json` with a `labels` map, `imagesTr/`, `labelsTr/`, and held-out `test` cases
+with a `label` or a file of the image's name in `labelsTs/`) or a MONAI datalist JSON (paths relative to its folder).
+It is checked before any training: a missing `dataset.json` or `imagesTr/`, a listed file that does not exist or a
+held-out image without its label stops the comparison with the file named. Then the bundle's plan step runs once on
+the data, every arm trains with the same plan, budget and seeds, and each held-out image is segmented by the bundle's
+`inference.json` and scored at its own resolution. The report has the same sections as this one: the baseline's Dice
+against `--target`; per arm, Dice and HD95 over seeds; the paired differences method − baseline for every seed and
+held-out case with a bootstrap 95 % interval (10000 resamples of the pairs, numpy seed 0) and the verdict: "no
+measurable effect" where the interval spans 0, else "better by X (95 % CI a to b)" or "worse by X (...)"; the cost
+ratios (`scripts/benchmark.py`, independent of the data). The report goes to `<out>/report/` (`--results`), the
+repository's README and `docs/results/` are left alone; `--out` keeps plans and runs, and a rerun resumes there.
+"""
 METHODS = method_registry.all_methods()
 METHOD_NAMES = tuple(m.name for m in METHODS)
 
@@ -100,47 +134,104 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=tuple(PROFILES), default="cpu")
     parser.add_argument("--method", action="append", choices=METHOD_NAMES, help="repeat (default: all)")
-    parser.add_argument("--task", action="append", choices=accuracy_study.TASKS,
-                        help="repeat (default: each method's real-MRI tasks)")
-    parser.add_argument("--out", type=Path, help="runs, benchmarks and predictions (default "
+    data = parser.add_mutually_exclusive_group()
+    data.add_argument("--task", action="append", choices=accuracy_study.TASKS,
+                      help="repeat (default: each method's real-MRI tasks)")
+    data.add_argument("--dataset_dir", type=Path,
+                      help="your own data instead of the tasks: an MSD folder (dataset.json, imagesTr/, labelsTr/, "
+                           "held-out 'test' cases with labels or labelsTs/) or a MONAI datalist JSON")
+    parser.add_argument("--target", type=float, help="with --dataset_dir: the held-out mean Dice the baseline "
+                                                     "should reach (the registry's targets are per built-in task)")
+    parser.add_argument("--epochs", type=accuracy_study.positive_int, help="epochs per run (default: the profile's)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="seeds, the same for every arm (default: the profile's)")
+    parser.add_argument("--parallel", type=accuracy_study.positive_int, help="runs at once (default: the profile's)")
+    parser.add_argument("--estimate", action="store_true",
+                        help="check the data, plan, print the runs and their estimated time, and stop")
+    parser.add_argument("--out", type=Path, help="plans, runs and benchmarks (default "
                                                   "study_output/comparison_<profile>)")
-    parser.add_argument("--results", type=Path, default=REPO / "docs" / "results",
-                        help="where the report goes (default docs/results)")
-    parser.add_argument("--readme", type=Path, default=REPO / "README.md",
+    parser.add_argument("--results", type=Path,
+                        help="where the report goes (default docs/results; with --dataset_dir, <out>/report)")
+    parser.add_argument("--readme", type=Path,
                         help=f"README whose {README_START} ... {README_END} block gets the headline table "
-                             "(default the repository's; a README without the markers is left alone)")
+                             "(default the repository's, none with --dataset_dir; a README without the markers is "
+                             "left alone)")
     parser.add_argument("--data-cache", default=None, help="download cache for the MRI volumes")
     args = parser.parse_args(argv)
     args.methods = [m for m in METHODS if m.name in (args.method or METHOD_NAMES)]
-    args.profile_name, args.profile = args.profile, PROFILES[args.profile]
+    profile = PROFILES[args.profile]
+    args.profile_name = args.profile
+    args.profile = Profile(**{**vars(profile), "epochs": args.epochs or profile.epochs,
+                              "seeds": tuple(args.seeds or profile.seeds),
+                              "parallel": args.parallel or profile.parallel})
+    if len(set(args.profile.seeds)) != len(args.profile.seeds):
+        parser.error(f"--seeds repeats a value (two runs would share a folder): {list(args.profile.seeds)}")
+    if args.target is not None and args.dataset_dir is None:
+        parser.error("--target is for --dataset_dir; the built-in tasks take their targets from the registry")
     args.out = (args.out or REPO / "study_output" / f"comparison_{args.profile_name}").resolve()
-    args.results = args.results.resolve()
+    # The repository's report and README hold the built-in tasks' numbers: a comparison on other data leaves them.
+    own = args.dataset_dir is not None
+    args.results = (args.results or (args.out / "report" if own else REPO / "docs" / "results")).resolve()
+    args.readme = args.readme or (None if own else REPO / "README.md")
     return args
 
 
 def method_tasks(method: Method, args: argparse.Namespace) -> list[str]:
-    """--task replaces every method's own tasks (``synthetic`` for tests)."""
+    """--task replaces every method's own tasks (``synthetic`` for tests); --dataset_dir is one task, named after
+    the data."""
+    if args.dataset_dir is not None:
+        return [own_task_name(args.dataset_dir)]
     return list(args.task or method.tasks)
 
 
-def study_argv(method: Method, tasks: Sequence[str], args: argparse.Namespace) -> list[str]:
-    """accuracy_study.py's command line for one method: its arms, tasks and the profile's budget."""
+def own_task_name(dataset_dir: Path) -> str:
+    """The user's dataset as a task name: its folder's (or datalist file's) name, as a plain folder name."""
+    path = dataset_dir.resolve()
+    return re.sub(r"[^\w.-]", "_", path.name if path.is_dir() else path.stem) or "dataset"
+
+
+def claim_output(out: Path) -> None:
+    """Refuse a non-empty folder this tool did not create; mark the folder as the comparison's."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / OUT_MARKER).is_file())):
+        raise SystemExit(f"{out} exists and was not made by compare_methods.py: move it away or pass another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / OUT_MARKER).write_text("written by scripts/compare_methods.py; a rerun resumes in this folder\n")
+
+
+def task_dataset(method: Method, task: str, args: argparse.Namespace) -> dict:
+    """The checked dataset of one method and task: the user's (--dataset_dir) or make_dataset's, written once
+    under --out (SemSim's keeps the registry's number of labelled cases)."""
+    if args.dataset_dir is not None:
+        datalist, base_dir = comparison_runs.dataset_files(args.dataset_dir.resolve())
+        info = {"task": task, "source": "own", "description": f"your data, {datalist}"}
+    else:
+        size = 24 if task == "synthetic" else 48
+        info = accuracy_study.prepare_dataset(task, args.out / "data" / method.name / task, args.data_cache, size,
+                                              method.labeled)
+        datalist, base_dir = Path(info["path"]) / "dataset.json", Path(info["path"])
+    checked = comparison_runs.read_dataset(datalist, base_dir, method.needs_unlabeled)
+    return {**info, **checked}
+
+
+def baseline_target(method: Method, task: str, args: argparse.Namespace) -> float | None:
+    """The held-out mean Dice the baseline must reach: --target for the user's data, else the registry's."""
+    return args.target if args.dataset_dir is not None else method.baseline_dice_target.get(task)
+
+
+def run_overrides(args: argparse.Namespace, arm_overrides: str, seed: int, plan_file: Path,
+                  dataset: dict) -> dict[str, str]:
+    """The settings of one run: the plan file and datalist, the profile's overrides, then the arm's (later ones
+    win), the budget and the seed."""
     p = args.profile
-    argv = ["--bundle", method.bundle, "--epochs", str(p.epochs), "--seeds", *map(str, p.seeds),
-            "--extra", f"{p.extra} --val_interval {p.val_interval}", "--parallel", str(p.parallel),
-            "--out", str(args.out / "runs" / method.name), "--train-configs", *method.training.configs,
-            "--train-run-id", method.training.run_id]
-    for name, overrides in method.arms.items():
-        argv += ["--arm", f"{name}={overrides}"]
-    for task in tasks:
-        argv += ["--task", task]
-    if method.labeled:
-        argv += ["--labeled", str(method.labeled)]
-    if args.data_cache:
-        argv += ["--data-cache", args.data_cache]
-    if args.task and "synthetic" in args.task:
-        argv += ["--synthetic-size", "24"]
-    return argv
+    return {"progress_bar": "False", "plan_file": str(plan_file), "datalist": dataset["datalist"],
+            **accuracy_study.parse_overrides(p.extra), "val_interval": str(min(p.val_interval, p.epochs)),
+            **accuracy_study.parse_overrides(arm_overrides), "max_epochs": str(p.epochs), "seed": str(seed)}
+
+
+def plan_runs(method: Method, task: str, plan_file: Path, dataset: dict, args: argparse.Namespace) -> list[Run]:
+    """The runs of one method and task, the arms of one seed neighbours (side by side under the same load)."""
+    return [Run(task, arm, seed, args.out / "runs" / method.name / task / arm / f"seed{seed}", Path(dataset["path"]),
+                run_overrides(args, overrides, seed, plan_file, dataset))
+            for seed in args.profile.seeds for arm, overrides in method.arms.items()]
 
 
 def run_benchmark(method: Method, args: argparse.Namespace) -> dict:
@@ -174,35 +265,6 @@ def cost_summary(method: Method, bench: dict) -> dict:
             "inference_ms": {"method": ours["inference_ms"], "against": theirs["inference_ms"]},
             "inference_ratio": ours["inference_ratio"],
             "inference_max_abs_difference": ours["inference_max_abs_difference"]}
-
-
-def predict(method: Method, report: dict, args: argparse.Namespace) -> dict[str, dict[str, Path]]:
-    """Seed-0 predictions of every arm on each task's first held-out case, by the bundle's inference config; kept
-    under --out. Returns {task: {arm: prediction NIfTI}}."""
-    seed = report["settings"]["seeds"][0]
-    predictions: dict[str, dict[str, Path]] = {}
-    for task, dataset in report["datasets"].items():
-        data = Path(dataset["path"])
-        case = json.loads((data / "dataset.json").read_text())["test"][0]
-        name = accuracy_study.case_name(case["image"])
-        for run in (r for r in report["runs"] if r["task"] == task and r["seed"] == seed):
-            out = args.out / "predictions" / method.name / task / run["arm"]
-            prediction = out / f"{name}_seg.nii.gz"
-            if not prediction.is_file():
-                overrides = {k: v for k, v in run["overrides"].items() if k in INFERENCE_KEYS}
-                trained = accuracy_study.Run(task, run["arm"], seed, Path(run["bundle_root"]), data, overrides)
-                # inference.json names the demo's classes; the network's output count follows the task's
-                command = accuracy_study.bundle_command(["configs/inference.json"], trained, output_dir=str(out),
-                                                        class_names=repr(["background", *dataset["classes"]]))
-                out.parent.mkdir(parents=True, exist_ok=True)
-                accuracy_study.run_step(command, REPO / "bundles" / method.bundle, os.environ.copy(),
-                                        out.parent / f"{run['arm']}_inference.log")
-            predictions.setdefault(task, {})[run["arm"]] = prediction
-    return predictions
-
-
-# Settings of a run that inference must share (the network and its grid); the rest are training-only.
-INFERENCE_KEYS = ("spacing", "roi_size", "num_workers")
 
 
 def validation_curve(log: Path) -> list[tuple[int, float]]:
@@ -242,11 +304,6 @@ def mean_column(report: dict, task: str) -> str:
 def arm_stats(report: dict, task: str, arm: str, metric: str) -> dict:
     """Mean and spread over seeds of the per-seed mean over cases of the class-mean ``metric``."""
     return report["aggregates"][task][arm]["over_seeds"][metric][mean_column(report, task)]
-
-
-def paired_difference(report: dict, task: str, arm: str) -> dict:
-    """Dice of ``arm`` minus the baseline's, paired by seed, over the class mean."""
-    return report["differences"][task][arm]["dice"][mean_column(report, task)]
 
 
 def plot_dice(studies: dict[str, dict], path: Path) -> None:
@@ -293,11 +350,10 @@ def plot_curves(studies: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_overlay(dataset: Path, predictions: dict[str, Path], foreground: Sequence[str], title: str,
+def plot_overlay(case: dict, predictions: dict[str, Path], foreground: Sequence[str], title: str,
                  path: Path) -> None:
-    """Image, ground truth and each arm's prediction on the first held-out case."""
-    case = json.loads((dataset / "dataset.json").read_text())["test"][0]
-    image, label = (demo.load_volume(dataset / case[key]) for key in ("image", "label"))
+    """Image, ground truth and each arm's prediction on one held-out case (``{"image", "label"}``)."""
+    image, label = (demo.load_volume(Path(case[key])) for key in ("image", "label"))
     panels = {"ground truth": label, **{arm: demo.load_volume(p) for arm, p in predictions.items()}}
     for heading, volume in panels.items():
         if volume.shape != image.shape:
@@ -306,24 +362,91 @@ def plot_overlay(dataset: Path, predictions: dict[str, Path], foreground: Sequen
     demo.draw_overlay(image, panels, foreground, title=title, png=path)
 
 
-def accuracy_table(method: Method, report: dict) -> list[str]:
+def paired_cases(report: dict, task: str, arm: str, against: str) -> list[dict]:
+    """``arm`` − ``against`` held-out mean Dice for every seed and case both have: the paired differences."""
+    column = mean_column(report, task)
+
+    def scores(name: str) -> dict[tuple[int, str], float]:
+        return {(r["seed"], c["case"]): c["dice"][column] for r in report["runs"]
+                if r["task"] == task and r["arm"] == name for c in r["cases"]}
+
+    ours, theirs = scores(arm), scores(against)
+    return [{"seed": seed, "case": case, "method": ours[seed, case], "against": theirs[seed, case],
+             "difference": ours[seed, case] - theirs[seed, case]}
+            for seed, case in sorted(ours) if (seed, case) in theirs]
+
+
+def paired_comparison(report: dict, task: str, arm: str, against: str) -> dict:
+    """The paired differences of ``arm`` against ``against``, their bootstrap interval and the verdict."""
+    pairs = paired_cases(report, task, arm, against)
+    interval = paired_stats.bootstrap_interval([p["difference"] for p in pairs])
+    return {"task": task, "arm": arm, "against": against, "pairs": pairs, "interval": vars(interval),
+            "verdict": paired_stats.verdict(interval)}
+
+
+def comparisons(method: Method, report: dict) -> list[dict]:
+    """Every arm against the baseline and the method arm against its ``compare_against`` arm, per task."""
+    arms = list(method.arms)
+    pairs = [(arm, arms[0]) for arm in arms[1:]]
+    if method.compare_against != arms[0]:
+        pairs.append((method.method_arm, method.compare_against))
+    return [paired_comparison(report, task, arm, against) for task in report["settings"]["tasks"]
+            for arm, against in pairs]
+
+
+def find_comparison(report: dict, task: str, arm: str, against: str) -> dict:
+    return next(c for c in report["paired"] if (c["task"], c["arm"], c["against"]) == (task, arm, against))
+
+
+def source_name(dataset: dict) -> str:
+    return "your data" if dataset["source"] == "own" else accuracy_study.source_name(dataset)
+
+
+def accuracy_table(method: Method, report: dict) -> list[list[str]]:
     baseline = report["settings"]["arms"][0]["name"]
     rows = []
     for task in report["settings"]["tasks"]:
         for arm in (a["name"] for a in report["settings"]["arms"]):
             dice = arm_stats(report, task, arm, "dice")
             hd95 = arm_stats(report, task, arm, "hd95")
-            if arm == baseline:
-                diff = "baseline"
-            else:
-                d = paired_difference(report, task, arm)
-                verdict = "at or above" if d["mean"] is not None and d["mean"] >= 0 else "BELOW"
-                diff = f"{accuracy_study.cell(d, 'dice', sign=True)} ({verdict} baseline)"
+            diff = "baseline" if arm == baseline else find_comparison(report, task, arm, baseline)["verdict"]
             cases = max(len(r["cases"]) for r in report["runs"] if r["task"] == task and r["arm"] == arm)
             rows.append([method.title, task, arm, accuracy_study.cell(dice, "dice"), diff,
                          accuracy_study.cell(hd95, "hd95"),
                          f"{dice['n'] + dice['not_finite']} seeds × {cases} held-out case(s)"])
     return rows
+
+
+def baseline_lines(studies: dict[str, dict], methods: Sequence[Method]) -> list[str]:
+    """Each baseline's held-out mean Dice beside the target its budget should bring it to, met or missed."""
+    lines = []
+    for method in methods:
+        report = studies[method.name]
+        for task in report["settings"]["tasks"]:
+            dice = arm_stats(report, task, method.baseline_arm, "dice")
+            target = report["targets"].get(task)
+            if target is None:
+                verdict = "no target given"
+            else:
+                need = f"target ≥ {target:.2f}"
+                verdict = f"{need}: met" if dice["mean"] >= target else f"{need}: MISSED by {target - dice['mean']:.3f}"
+            lines.append(f"- {method.title}, {task}: `{method.baseline_arm}` {accuracy_study.cell(dice, 'dice')}, "
+                         f"{verdict}.")
+    return lines
+
+
+def paired_section(method: Method, report: dict) -> list[str]:
+    """Per comparison: the paired differences seed by seed and case by case, the interval and the verdict."""
+    lines = []
+    for c in report["paired"]:
+        interval = c["interval"]
+        rows = [[str(p["seed"]), p["case"], f"{p['against']:.3f}", f"{p['method']:.3f}", f"{p['difference']:+.3f}"]
+                for p in c["pairs"]]
+        lines += [f"### {method.title}, {c['task']}: {c['arm']} − {c['against']}", "",
+                  *accuracy_study.table(["seed", "held-out case", f"{c['against']} Dice", f"{c['arm']} Dice",
+                                         "difference"], rows, 2),
+                  "", f"Mean difference {interval['mean']:+.3f} over {interval['n']} pairs: **{c['verdict']}**.", ""]
+    return lines
 
 
 def cost_rows(method: Method, cost: dict) -> list[str]:
@@ -341,18 +464,18 @@ def cost_rows(method: Method, cost: dict) -> list[str]:
 
 
 def headline(studies: dict[str, dict], methods: Sequence[Method]) -> list[str]:
-    """One row per method and task: baseline and method mean Dice and their paired difference."""
+    """One row per method and task: baseline and method mean Dice and the verdict on their paired difference."""
     rows = []
     for method in methods:
         report = studies[method.name]
-        arms = [a["name"] for a in report["settings"]["arms"]]
+        base_arm = method.baseline_arm
         for task in report["settings"]["tasks"]:
-            base = arm_stats(report, task, arms[0], "dice")["mean"]
-            ours = arm_stats(report, task, arms[-1], "dice")["mean"]
-            diff = paired_difference(report, task, arms[-1])
-            rows.append([method.title, task, f"{base:.3f} ({arms[0]})", f"{ours:.3f}",
-                         accuracy_study.cell(diff, "dice", sign=True)])
-    return accuracy_study.table(["method", "task", "baseline Dice", "method Dice", "paired difference"], rows, 2)
+            base = arm_stats(report, task, base_arm, "dice")["mean"]
+            ours = arm_stats(report, task, method.method_arm, "dice")["mean"]
+            verdict = find_comparison(report, task, method.method_arm, base_arm)["verdict"]
+            rows.append([method.title, task, f"{base:.3f} ({base_arm})", f"{ours:.3f}", verdict])
+    return accuracy_study.table(["method", "task", "baseline Dice", "method Dice",
+                                 "method − baseline (paired, 95 % CI)"], rows, 2)
 
 
 def task_descriptions(studies: dict[str, dict]) -> dict[str, str]:
@@ -361,30 +484,28 @@ def task_descriptions(studies: dict[str, dict]) -> dict[str, str]:
             for name, report in studies.items() for task, dataset in report["datasets"].items()}
 
 
-def dice_gain(report: dict, task: str, arm: str, against: str) -> float | None:
-    """Mean over seeds of ``arm``'s mean Dice minus ``against``'s, paired by seed (the study pairs every arm with
-    its first, the baseline)."""
-    ours = paired_difference(report, task, arm)
-    if against == report["settings"]["arms"][0]["name"]:
-        return ours["mean"]
-    theirs = paired_difference(report, task, against)["per_seed"]
-    return accuracy_study.summary(d - theirs[s] for s, d in ours["per_seed"].items() if s in theirs)["mean"]
-
-
 def target_lines(studies: dict[str, dict], methods: Sequence[Method]) -> list[str]:
     """Each accuracy target of the registry (the method arm's Dice gain over its ``compare_against`` arm), met or
-    missed and by how much (the cost targets are in the cost table)."""
+    missed by the mean paired difference, with the verdict of its interval (the cost targets are in the cost
+    table)."""
     lines = []
     for method in methods:
         report = studies[method.name]
         ours, against, need = method.method_arm, method.compare_against, method.dice_gain_target
         for task in report["settings"]["tasks"]:
-            gain = dice_gain(report, task, ours, against)
-            verdict = "not measured" if gain is None else "met" if gain >= need else f"MISSED by {need - gain:.3f}"
-            shown = "n/a" if gain is None else f"{gain:+.3f}"
-            lines.append(f"- {method.title}, {task}: {ours} − {against} = {shown} mean Dice, target ≥ "
-                         f"{need:+.3f}: {verdict}.")
+            c = find_comparison(report, task, ours, against)
+            gain = c["interval"]["mean"]
+            met = "met" if gain >= need else f"MISSED by {need - gain:.3f}"
+            lines.append(f"- {method.title}, {task}: {ours} − {against} = {gain:+.3f} mean Dice, target ≥ "
+                         f"{need:+.3f}: {met}; {c['verdict']}.")
     return lines
+
+
+def plan_lines(studies: dict[str, dict]) -> list[str]:
+    """The plan's settings of each dataset, with the profile's overrides over them: what every run trained with."""
+    keys = ("spacing", "roi_size", "batch_size", "num_samples", "iterations_per_epoch")
+    return [f"  - `{task}` ({name}): " + ", ".join(f"{k} {settings[k]}" for k in keys)
+            for name, report in studies.items() for task, settings in report["plans"].items()]
 
 
 def machine_line(studies: dict[str, dict]) -> str:
@@ -398,39 +519,66 @@ def machine_line(studies: dict[str, dict]) -> str:
 
 
 def run_minutes(studies: dict[str, dict]) -> float:
-    """Training and evaluation wall time of every run, as each run recorded it when it ran."""
-    return sum((r["train_s"] or 0) + (r["eval_s"] or 0) for report in studies.values() for r in report["runs"]) / 60
+    """Training and inference wall time of every run, as each run recorded it when it ran."""
+    return sum((r["train_s"] or 0) + (r["infer_s"] or 0) for report in studies.values() for r in report["runs"]) / 60
 
 
 def benchmark_minutes(costs: dict[str, dict]) -> float:
     return sum(cost["wall_s"] for cost in costs.values()) / 60
 
 
-def report_text(args: argparse.Namespace, studies: dict[str, dict], costs: dict[str, dict],
-                images: dict[str, list[str]], wall_s: float) -> str:
+def command_line(args: argparse.Namespace) -> str:
+    """The command that writes this report, as a user would type it."""
     p = args.profile
-    sources = sorted({accuracy_study.source_name(d) for r in studies.values() for d in r["datasets"].values()})
+    words = ["python", "scripts/compare_methods.py", "--profile", args.profile_name, "--epochs", str(p.epochs),
+             "--seeds", *map(str, p.seeds)]
+    if args.dataset_dir is not None:
+        words += ["--dataset_dir", str(args.dataset_dir)]
+    if args.target is not None:
+        words += ["--target", str(args.target)]
+    for method in (args.methods if len(args.methods) < len(METHODS) else []):
+        words += ["--method", method.name]
+    return shlex.join(words)
+
+
+def report_text(args: argparse.Namespace, studies: dict[str, dict], costs: dict[str, dict],
+                images: dict[str, list[str]], runs_wall_s: float, wall_s: float) -> str:
+    p = args.profile
+    sources = sorted({source_name(d) for r in studies.values() for d in r["datasets"].values()})
     lines = [
         f"# Method comparison (`{args.profile_name}` profile)",
         "",
-        "Written by `python scripts/compare_methods.py --profile " + args.profile_name + "`; per-case numbers in "
-        "[`per_case.csv`](per_case.csv), everything in [`summary.json`](summary.json).",
+        f"Written by `{command_line(args)}`; per-case numbers in [`per_case.csv`](per_case.csv), everything in "
+        "[`summary.json`](summary.json).",
         "",
         f"- Machine: {machine_line(studies)}.",
-        f"- Data ({' and '.join(sources)}), scored on held-out cases only:",
+        f"- Data ({' and '.join(sources)}), scored on the held-out cases only, at each test image's own "
+        "resolution (the bundle's `inference.json`, its predictions inverted to the image's grid):",
         *[f"  - `{task}`: {description}" for task, description in task_descriptions(studies).items()],
-        f"- Budget: {p.epochs} epochs per run, validation every {p.val_interval}, seeds "
-        f"{', '.join(map(str, p.seeds))}, `{p.extra}` for every run, each bundle's other defaults (SegResNet). "
-        "Every number of a method is paired with its baseline trained on the same data, seeds and budget. "
-        f"{p.caveat}",
-        f"- Wall time: {sum(r['wall_s'] for r in studies.values()) / 60:.0f} min for the accuracy runs "
-        f"({run_minutes(studies):.0f} min summed over the runs, {p.parallel} at a time), "
-        f"{benchmark_minutes(costs):.0f} min of benchmarks; this invocation {wall_s / 60:.1f} min (finished runs "
-        "and benchmarks are reused, not re-timed).",
+        f"- Budget, the same for every arm of a task: {p.epochs} epochs per run, seeds "
+        f"{', '.join(map(str, p.seeds))} (paired: every arm trains with each seed), `{p.extra}` for every run over "
+        "the plan step's settings (`configs/plan.json`), which are:",
+        *plan_lines(studies),
+        *([f"  {p.caveat}"] if p.caveat else []),
+        f"- Wall time: {runs_wall_s / 60:.0f} min for the runs ({run_minutes(studies):.0f} min summed over them, "
+        f"{p.parallel} at a time), {benchmark_minutes(costs):.0f} min of benchmarks; this invocation "
+        f"{wall_s / 60:.1f} min (finished runs and benchmarks are reused, not re-timed).",
+        "",
+        "## Baseline against its target (held-out mean Dice, mean ± std over seeds)",
+        "",
+        "A method's effect is measured on a baseline trained to its target; a baseline below it makes the "
+        "comparison one of undertrained models.",
+        "",
+        *baseline_lines(studies, args.methods),
         "",
         "## Accuracy (held-out mean Dice and HD95: mean ± std over seeds of the per-seed mean over cases)",
         "",
-        *accuracy_study.table(["method", "task", "arm", "Dice", "Dice − baseline (paired by seed)", "HD95 (mm)",
+        "The difference column is the mean of the paired differences (method − baseline, per seed and held-out "
+        f"case) with a bootstrap {paired_stats.LEVEL:.0%} interval ({paired_stats.RESAMPLES} resamples of the "
+        f"pairs, numpy seed {paired_stats.SEED}); where the interval spans 0 it says "
+        f"\"{paired_stats.NO_EFFECT}\".".replace("%", " %"),
+        "",
+        *accuracy_study.table(["method", "task", "arm", "Dice", "Dice − baseline (paired, 95 % CI)", "HD95 (mm)",
                                "behind each number"],
                               [row for m in args.methods for row in accuracy_table(m, studies[m.name])], 3),
         "",
@@ -439,12 +587,11 @@ def report_text(args: argparse.Namespace, studies: dict[str, dict], costs: dict[
         "",
         *target_lines(studies, args.methods),
         "",
-        "Where a row says BELOW, the method did not beat its baseline in this budget. With 3 seeds and one held-out "
-        "case per task, a difference under about one std of the paired differences is not evidence either way.",
+        "## Paired differences (held-out mean Dice, per seed and case)",
         "",
+        *[line for m in args.methods for line in paired_section(m, studies[m.name])],
         "## Cost (training step and memory: method / the arm it is compared with, median of interleaved paired "
-        "steps; inference: "
-        "sliding window over a whole volume)",
+        "steps; inference: sliding window over a whole volume)",
         "",
         *accuracy_study.table(["method", "backbone", "training step", "peak memory ratio", "inference"],
                               [cost_rows(m, costs[m.name]) for m in args.methods], 2),
@@ -457,13 +604,14 @@ def report_text(args: argparse.Namespace, studies: dict[str, dict], costs: dict[
         "",
         *[f"![{name}]({name})" for group in images.values() for name in group],
         "",
+        HOW_TO,
     ]
     return "\n".join(lines)
 
 
-def update_readme(readme: Path, table: list[str], results: Path) -> bool:
+def update_readme(readme: Path | None, table: list[str], results: Path) -> bool:
     """Replace the block between the README's markers with the headline table; False if it has no markers."""
-    if not readme.is_file():
+    if readme is None or not readme.is_file():
         return False
     text = readme.read_text()
     if README_START not in text or README_END not in text:
@@ -475,14 +623,99 @@ def update_readme(readme: Path, table: list[str], results: Path) -> bool:
     return True
 
 
+def prepare(args: argparse.Namespace) -> tuple[dict, dict, list[tuple[Method, Run]]]:
+    """Every dataset checked, then planned (all before any training); the runs. Returns ({(method, task):
+    dataset}, {(method, task): plan file}, [(method, run)])."""
+    datasets = {(m.name, task): task_dataset(m, task, args) for m in args.methods for task in method_tasks(m, args)}
+    plans: dict[tuple[str, str], Path] = {}
+    jobs: list[tuple[Method, Run]] = []
+    for method in args.methods:
+        for task in method_tasks(method, args):
+            dataset = datasets[method.name, task]
+            print(f"{method.name} / {task} ({source_name(dataset)}): {len(dataset['test'])} held-out case(s); "
+                  "plan step", flush=True)
+            plans[method.name, task] = comparison_runs.run_plan(method.bundle_dir, args.out / "plans" / method.name /
+                                                                task, dataset)
+            jobs += [(method, run) for run in plan_runs(method, task, plans[method.name, task], dataset, args)]
+    return datasets, plans, jobs
+
+
+def build_study(method: Method, args: argparse.Namespace, datasets: dict, plans: dict, jobs: list,
+                records: dict, machine: dict) -> dict:
+    """One method's runs as the report reads them: settings, data, plans, runs with their scored cases,
+    aggregates over seeds, and the paired comparisons."""
+    runs = [run for m, run in jobs if m.name == method.name]
+    tasks = method_tasks(method, args)
+    by_arm: dict[str, dict[str, dict[int, list[dict]]]] = {}
+    for run in runs:
+        by_arm.setdefault(run.task, {}).setdefault(run.arm, {})[run.seed] = records[run]["cases"]
+    arms = list(method.arms)
+    classes = {task: datasets[method.name, task]["classes"] for task in tasks}
+    study = accuracy_study.json_safe({
+        "settings": {"bundle": method.bundle, "arms": [{"name": a, "overrides": o} for a, o in method.arms.items()],
+                     "tasks": tasks, "seeds": list(args.profile.seeds), "epochs": args.profile.epochs,
+                     "extra": args.profile.extra, "labeled": method.labeled,
+                     "training": {"configs": method.training.configs, "run_id": method.training.run_id}},
+        "machine": {**machine, "load_average_1min_at_end": os.getloadavg()[0]},
+        "datasets": {task: datasets[method.name, task] for task in tasks},
+        "plans": {task: comparison_runs.effective_settings(plans[method.name, task], runs[0].overrides)
+                  for task in tasks},
+        "targets": {task: baseline_target(method, task, args) for task in tasks},
+        "runs": [{"task": run.task, "arm": run.arm, "seed": run.seed, "bundle_root": str(run.root),
+                  "overrides": run.overrides, "resumed": records[run]["resumed"], "train_s": records[run]["train_s"],
+                  "infer_s": records[run]["infer_s"], "cases": records[run]["cases"]} for run in runs],
+        "aggregates": {task: {arm: accuracy_study.aggregate_arm(by_arm[task][arm], classes[task]) for arm in arms}
+                       for task in tasks},
+    })
+    study["paired"] = comparisons(method, study)
+    return study
+
+
+def write_overlays(studies: dict[str, dict], args: argparse.Namespace) -> list[str]:
+    """Each method and task: the first seed's prediction of every arm on the first held-out case."""
+    names = []
+    for method in args.methods:
+        report = studies[method.name]
+        seed = report["settings"]["seeds"][0]
+        for task, dataset in report["datasets"].items():
+            case = dataset["test"][0]
+            name = comparison_runs.recipe_benchmark.case_name(Path(case["image"]))
+            predictions = {r["arm"]: comparison_runs.recipe_benchmark.find_prediction(
+                Path(r["bundle_root"]) / "predictions", name) for r in report["runs"]
+                if r["task"] == task and r["seed"] == seed}
+            png = f"overlay_{method.name}_{task}.png"
+            plot_overlay(case, predictions, dataset["classes"],
+                         f"{method.title}, {task}: seed {seed}, held-out {name}", args.results / png)
+            names.append(png)
+    return names
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     args = parse_args(argv)
-    studies: dict[str, dict] = {}
-    for method in args.methods:
-        tasks = method_tasks(method, args)
-        print(f"\n=== {method.title}: {', '.join(tasks)} ===", flush=True)
-        studies[method.name] = accuracy_study.main(study_argv(method, tasks, args))
+    claim_output(args.out)
+    try:
+        datasets, plans, jobs = prepare(args)
+    except DatasetInputError as e:
+        raise SystemExit(str(e)) from e
+    p = args.profile
+    estimate = comparison_runs.estimate_seconds(jobs, plans, datasets, p.epochs, p.seconds_per_voxel,
+                                                p.run_overhead_s, p.parallel)
+    print(f"{len(jobs)} runs ({len(args.methods)} method(s) x their tasks x arms x {len(p.seeds)} seeds) of "
+          f"{p.epochs} epochs, {p.parallel} at a time: estimated {estimate / 60:.0f} min (plus the benchmarks; "
+          f"{p.seconds_per_voxel:g} s per crop voxel per step, {p.run_overhead_s:.0f} s more per run)", flush=True)
+    if args.estimate:
+        return
+    machine = accuracy_study.machine_info()
+    ran_none = all((run.root / comparison_runs.SCORES).is_file() for _, run in jobs)
+    runs_start = time.perf_counter()
+    records = comparison_runs.run_all(jobs, datasets, p.parallel)
+    runs_wall_s = time.perf_counter() - runs_start
+    earlier = args.results / "summary.json"
+    if ran_none and earlier.is_file():
+        # Only the report is rewritten: the wall time of the invocation that ran the runs is what they cost.
+        runs_wall_s = json.loads(earlier.read_text()).get("runs_wall_s", runs_wall_s)
+    studies = {m.name: build_study(m, args, datasets, plans, jobs, records, machine) for m in args.methods}
     costs = {m.name: cost_summary(m, run_benchmark(m, args)) for m in args.methods}
 
     args.results.mkdir(parents=True, exist_ok=True)
@@ -490,24 +723,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     write_csv(rows, args.results / "per_case.csv")
     plot_dice(studies, args.results / "dice.png")
     plot_curves(studies, args.results / "validation_curves.png")
-    images = {"summary": ["dice.png", "validation_curves.png"], "overlays": []}
-    for method in args.methods:
-        report = studies[method.name]
-        for task, predictions in predict(method, report, args).items():
-            dataset = report["datasets"][task]
-            name = f"overlay_{method.name}_{task}.png"
-            plot_overlay(Path(dataset["path"]), predictions, dataset["classes"],
-                         f"{method.title}, {task}: seed {report['settings']['seeds'][0]}, first held-out case",
-                         args.results / name)
-            images["overlays"].append(name)
+    images = {"summary": ["dice.png", "validation_curves.png"], "overlays": write_overlays(studies, args)}
     wall_s = time.perf_counter() - start
-    summary = {"profile": args.profile_name, "settings": vars(args.profile), "costs": costs,
-               "accuracy": {name: {k: r[k] for k in ("settings", "machine", "datasets", "aggregates", "differences")}
-                            for name, r in studies.items()},
-               "wall_s": wall_s}
+    kept = ("settings", "machine", "datasets", "plans", "targets", "aggregates", "paired")
+    summary = {"profile": args.profile_name, "settings": vars(p), "costs": costs,
+               "accuracy": {name: {k: r[k] for k in kept} for name, r in studies.items()},
+               "runs_wall_s": runs_wall_s, "wall_s": wall_s}
     (args.results / "summary.json").write_text(json.dumps(accuracy_study.json_safe(summary), indent=2) + "\n")
-    text = report_text(args, studies, costs, images, wall_s)
-    (args.results / "README.md").write_text(text)
+    (args.results / "README.md").write_text(report_text(args, studies, costs, images, runs_wall_s, wall_s))
     table = headline(studies, args.methods)
     updated = update_readme(args.readme, table, args.results)
     print("\n" + "\n".join(table))

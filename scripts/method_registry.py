@@ -13,7 +13,9 @@ Fields of ``method.json``:
   teacher: configs, run id and the file it writes) or null.
 - ``unlabeled``: null, or ``{"labeled": N}``: the method needs unlabeled images, and its comparison keeps N labels.
 - ``tasks``: the real-MRI tasks of its comparison; ``cost_target``: the training-step ratio against
-  ``compare_against``; ``dice_gain_target``: the Dice gain it promises over ``compare_against``.
+  ``compare_against``; ``dice_gain_target``: the Dice gain it promises over ``compare_against``;
+  ``baseline_dice_target``: task -> the held-out mean Dice its baseline arm must reach in a comparison's budget
+  (optional: a budget that leaves the baseline below it compares undertrained models).
 - ``small_run``: overrides that shrink the method's own parts for CPU tests and benchmarks.
 - ``metadata``: the method's part of ``configs/metadata.json`` (name, task, description, references, changelog
   entries), merged into the template's by ``generate_bundles.py``.
@@ -55,6 +57,7 @@ class Method:
     tasks: tuple[str, ...]
     step_ratio_target: float
     dice_gain_target: float
+    baseline_dice_target: dict[str, float]
     small_run: tuple[str, ...]
 
     @property
@@ -108,6 +111,7 @@ def load(path: Path) -> Method:
         tasks=tuple(entry["tasks"]),
         step_ratio_target=float(entry["cost_target"]["step_ratio"]),
         dice_gain_target=float(entry["dice_gain_target"]),
+        baseline_dice_target={task: float(v) for task, v in entry.get("baseline_dice_target", {}).items()},
         small_run=tuple(entry.get("small_run", ())),
     )
 

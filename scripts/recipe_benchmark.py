@@ -19,6 +19,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -81,12 +82,73 @@ def bundle_run(bundle: Path, configs: list[str], root: Path, dataset: Path, sett
     return time.time() - start
 
 
+def infer(bundle: Path, root: Path, dataset: Path, settings: list[tuple[str, str]], output_dir: Path,
+          images: Sequence[Path] | None = None) -> float:
+    """Run the bundle's ``inference.json`` with the model under ``root`` (its recorded settings), writing
+    predictions inverted to each image's own grid into ``output_dir``; ``images`` replaces the default input
+    (``dataset/imagesTs``). Returns the wall time in seconds."""
+    settings = [*settings, ("output_dir", str(output_dir))]
+    if images is not None:
+        settings.append(("datalist", repr([{"image": str(image)} for image in images])))
+    return bundle_run(bundle, ["configs/inference.json"], root, dataset, settings)
+
+
+def case_name(path: Path) -> str:
+    """An image or label file's name without its NIfTI suffix: the case name the predictions are written under."""
+    return path.name.split(".nii")[0]
+
+
+def find_prediction(predictions: Path, name: str) -> Path:
+    """The prediction ``inference.json`` wrote for case ``name`` (``<name>_seg.nii.gz``, in a subfolder or not)."""
+    found = sorted(predictions.rglob(f"{name}_seg.nii*"))
+    if not found:
+        raise FileNotFoundError(f"no prediction {name}_seg.nii.gz in {predictions}: did inference run on {name}?")
+    return found[0]
+
+
 def dice_scores(prediction: np.ndarray, label: np.ndarray, num_classes: int) -> list[float]:
+    """Dice of each foreground class; 1.0 where both are empty."""
     scores = []
     for c in range(1, num_classes):
         p, g = prediction == c, label == c
         denominator = p.sum() + g.sum()
         scores.append(float(2 * np.logical_and(p, g).sum() / denominator) if denominator else 1.0)
+    return scores
+
+
+def hd95_scores(prediction: np.ndarray, label: np.ndarray, num_classes: int, spacing: Sequence[float]) -> list[float]:
+    """95th-percentile Hausdorff distance in mm of each foreground class at the voxel ``spacing`` (MONAI's
+    ``compute_hausdorff_distance``); not finite where the class is missing from the prediction or the label."""
+    import torch
+    from monai.metrics import compute_hausdorff_distance
+    from monai.networks.utils import one_hot
+
+    def hot(volume: np.ndarray) -> torch.Tensor:
+        return one_hot(torch.as_tensor(volume)[None, None], num_classes=num_classes)
+
+    distances = compute_hausdorff_distance(hot(prediction), hot(label), include_background=False, percentile=95,
+                                           spacing=[float(s) for s in spacing])
+    return [float(d) for d in distances[0]]
+
+
+def load_segmentation(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    """A label map as integers (squeezed) and its voxel size in mm."""
+    image = nib.load(path)
+    volume = np.rint(np.squeeze(np.asarray(image.dataobj))).astype(int)
+    return volume, tuple(float(z) for z in image.header.get_zooms()[: volume.ndim])
+
+
+def score_case(prediction_path: Path, label_path: Path, num_classes: int, hd95: bool = False) -> dict[str, list]:
+    """``{"dice": [per foreground class]}`` (and ``"hd95"``) of a prediction against its label on the label's own
+    grid; a prediction on another grid is refused, naming both files."""
+    prediction, _ = load_segmentation(prediction_path)
+    label, spacing = load_segmentation(label_path)
+    if prediction.shape != label.shape:
+        raise ValueError(f"{prediction_path} has shape {prediction.shape}, {label_path} {label.shape}: inference "
+                         "must write predictions on the input image's grid")
+    scores = {"dice": dice_scores(prediction, label, num_classes)}
+    if hd95:
+        scores["hd95"] = hd95_scores(prediction, label, num_classes, spacing)
     return scores
 
 
@@ -111,22 +173,13 @@ def main(argv: list[str] | None = None) -> dict:
     num_classes = len(classes)
     predictions = args.out / "predictions"
     infer_settings = [(k, v) for k, v in settings if k not in TRAIN_ONLY]
-    infer_settings += [
-        ("output_dir", str(predictions)),
-        ("class_names", "[" + ",".join(f"'{classes[str(i)]}'" for i in range(num_classes)) + "]"),
-    ]
-    infer_s = bundle_run(bundle, ["configs/inference.json"], args.out, args.dataset_dir, infer_settings)
+    infer_settings.append(
+        ("class_names", "[" + ",".join(f"'{classes[str(i)]}'" for i in range(num_classes)) + "]"))
+    infer_s = infer(bundle, args.out, args.dataset_dir, infer_settings, predictions)
     cases = {}
     for label_path in sorted((args.dataset_dir / "labelsTs").glob("*.nii*")):
-        name = label_path.name.split(".nii")[0]
-        found = sorted(predictions.rglob(f"{name}*seg.nii*"))
-        if not found:
-            raise SystemExit(f"no prediction for {label_path} in {predictions}")
-        prediction = np.squeeze(np.asarray(nib.load(found[0]).dataobj))
-        label = np.squeeze(np.asarray(nib.load(label_path).dataobj))
-        if prediction.shape != label.shape:
-            raise SystemExit(f"{found[0]} has shape {prediction.shape}, {label_path} {label.shape}")
-        cases[name] = dice_scores(np.rint(prediction).astype(int), np.rint(label).astype(int), num_classes)
+        name = case_name(label_path)
+        cases[name] = score_case(find_prediction(predictions, name), label_path, num_classes)["dice"]
     mean = float(np.mean([np.mean(s) for s in cases.values()]))
     result = {
         "bundle": args.bundle,

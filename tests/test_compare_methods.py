@@ -1,11 +1,15 @@
-"""scripts/compare_methods.py end to end (smoke profile: SelfReg on tiny synthetic volumes, one epoch), with the
-accuracy study it runs (scripts/accuracy_study.py), their resume, and the pieces of the report."""
+"""scripts/compare_methods.py end to end on the user's own data (smoke profile: SelfReg on a tiny synthetic MSD folder,
+2 seeds, one epoch), its resume, its refusal of bad data, the paired statistics (scripts/paired_stats.py) and the
+pieces of the report."""
 
 from __future__ import annotations
 
 import csv
 import json
+import re
+import shutil
 
+import nibabel as nib
 import pytest
 from helpers import REPO, load_module
 
@@ -17,58 +21,104 @@ def compare():
     return load_module(REPO / "scripts" / "compare_methods.py", "compare_methods_tool")
 
 
-def test_smoke_comparison_writes_the_report_and_resumes(compare, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def paired_stats():
+    return load_module(REPO / "scripts" / "paired_stats.py", "paired_stats_tool")
+
+
+def test_comparison_on_own_data_writes_the_paired_report_and_resumes(compare, synthetic_dataset, tmp_path, capsys):
+    """--dataset_dir: SelfReg against its baseline on a tiny MSD folder, 2 seeds, one epoch: plan step, training,
+    inference on the held-out image at its own grid, the paired report; a rerun reuses everything."""
     readme = tmp_path / "README.md"
     readme.write_text(f"# top\n\n{compare.README_START}\nold table\n{compare.README_END}\n\nkept\n")
-    results = tmp_path / "results"
-    argv = ["--profile", "smoke", "--task", "synthetic", "--method", "selfreg", "--out", str(tmp_path / "out"),
-            "--results", str(results), "--readme", str(readme)]
+    results, out = tmp_path / "results", tmp_path / "out"
+    argv = ["--profile", "smoke", "--dataset_dir", str(synthetic_dataset), "--method", "selfreg", "--seeds", "0", "1",
+            "--target", "0.5", "--out", str(out), "--results", str(results), "--readme", str(readme)]
     compare.main(argv)
+    printed = capsys.readouterr().out
+    assert "4 runs (1 method(s) x their tasks x arms x 2 seeds) of 1 epochs" in printed and "estimated" in printed
 
-    study = json.loads((tmp_path / "out" / "runs" / "selfreg" / "results.json").read_text())
-    assert study["datasets"]["synthetic"]["source"] == "synthetic"
-    runs = {run["arm"]: run for run in study["runs"]}
-    assert set(runs) == {"baseline", "selfreg"}
-    for run in runs.values():
-        assert run["overrides"]["max_epochs"] == "1" and run["train_s"] > 0 and run["eval_s"] > 0
-        assert len(run["cases"]) == 1  # the one held-out case
-    assert runs["baseline"]["overrides"]["selfreg_weight"] == "0" and "selfreg_weight" not in runs["selfreg"][
-        "overrides"]  # the method arm runs the bundle's own weight
-    assert "selfreg − baseline" in (tmp_path / "out" / "runs" / "selfreg" / "results.md").read_text()
+    plan = json.loads((out / "plans" / "selfreg" / "synthetic" / "models" / "plan.json").read_text())
+    roots = sorted((out / "runs" / "selfreg" / "synthetic").glob("*/seed*"))
+    assert [r.relative_to(out / "runs" / "selfreg" / "synthetic").as_posix() for r in roots] == [
+        "baseline/seed0", "baseline/seed1", "selfreg/seed0", "selfreg/seed1"]
+    for root in roots:  # trained with the plan; the profile's explicit crop wins over the plan's
+        record = json.loads((root / "study_run.json").read_text())
+        assert record["overrides"]["plan_file"].endswith("plans/selfreg/synthetic/models/plan.json")
+        assert record["overrides"]["roi_size"] == "[24,24,24]" != str(plan["settings"]["roi_size"])
+        [prediction] = (root / "predictions").rglob("*_seg.nii.gz")
+        assert nib.load(prediction).shape == nib.load(next((synthetic_dataset / "labelsTs").glob("*"))).shape
 
     with (results / "per_case.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert {(r["method"], r["task"], r["arm"], r["seed"]) for r in rows} == {
-        ("selfreg", "synthetic", "baseline", "0"), ("selfreg", "synthetic", "selfreg", "0")}
+    assert {(r["arm"], r["seed"]) for r in rows} == {("baseline", "0"), ("baseline", "1"), ("selfreg", "0"),
+                                                     ("selfreg", "1")}
     assert all(0 <= float(r["dice_mean"]) <= 1 for r in rows)
 
     summary = json.loads((results / "summary.json").read_text())
+    [paired] = summary["accuracy"]["selfreg"]["paired"]
+    assert (paired["arm"], paired["against"], len(paired["pairs"])) == ("selfreg", "baseline", 2)
+    for pair in paired["pairs"]:  # per seed and held-out case: method − baseline of the per-case Dice
+        ours, theirs = ({(r["seed"], r["case"]): float(r["dice_mean"]) for r in rows if r["arm"] == arm}
+                        for arm in ("selfreg", "baseline"))
+        key = (str(pair["seed"]), pair["case"])
+        assert pair["difference"] == pytest.approx(ours[key] - theirs[key], abs=1e-6)
+    interval = paired["interval"]
+    assert interval["low"] <= interval["mean"] <= interval["high"] and interval["n"] == 2
     cost = summary["costs"]["selfreg"]
-    assert cost["step_ratio"] > 0 and cost["memory_ratio"] > 0 and cost["inference_ratio"] > 0
-    selfreg = compare.method_registry.by_name("selfreg")
-    assert cost["step_target"] == selfreg.step_ratio_target and cost["backbone"] == "segresnet"
-    assert cost["against"] == selfreg.compare_against and cost["inference_max_abs_difference"] == 0
-    bench = json.loads((tmp_path / "out" / "benchmarks" / "selfreg.json").read_text())
-    assert list(bench["arms"]) == list(selfreg.arms) and bench["against"] == selfreg.compare_against
+    assert cost["step_ratio"] > 0 and cost["inference_ratio"] > 0
 
     report = (results / "README.md").read_text()
-    assert "| SelfReg | synthetic | baseline |" in report and "| SelfReg | synthetic | selfreg |" in report
-    assert "- SelfReg, synthetic: selfreg − baseline = " in report and "target ≥ +0.000" in report
-    assert "target ≤ 1.10" in report and "1 seeds × 1 held-out case(s)" in report and "SYNTHETIC" in report
+    assert "## Paired differences" in report and "### SelfReg, synthetic: selfreg − baseline" in report
+    assert "| seed | held-out case | baseline Dice | selfreg Dice | difference |" in report
+    assert paired["verdict"] in report and ("no measurable effect" in paired["verdict"]
+                                            or re.match(r"(better|worse) by \d\.\d{3} \(95 % CI ", paired["verdict"]))
+    assert "95 % CI" in report and "`baseline` " in report and "target ≥ 0.50" in report
+    assert "--dataset_dir" in report and "your data" in report
     for png in ("dice.png", "validation_curves.png", "overlay_selfreg_synthetic.png"):
-        assert (results / png).read_bytes()[:8] == PNG_MAGIC
-        assert f"]({png})" in report
-
+        assert (results / png).read_bytes()[:8] == PNG_MAGIC and f"]({png})" in report
     top = readme.read_text()
     assert "old table" not in top and "| SelfReg | synthetic |" in top and top.endswith("\n\nkept\n")
 
-    benchmark = tmp_path / "out" / "benchmarks" / "selfreg.json"
+    benchmark = out / "benchmarks" / "selfreg.json"
     stamp = benchmark.stat().st_mtime_ns
-    capsys.readouterr()
-    compare.main(argv)  # everything finished: a rerun reuses runs, benchmark and predictions
-    assert capsys.readouterr().out.count("done earlier, skipped") == 2
+    compare.main(argv)  # everything finished: a rerun reuses plan, runs and benchmark
+    assert capsys.readouterr().out.count("done earlier, skipped") == 4
     assert benchmark.stat().st_mtime_ns == stamp
-    assert json.loads((tmp_path / "out" / "runs" / "selfreg" / "results.json").read_text())["runs"] == study["runs"]
+    assert json.loads((results / "summary.json").read_text())["accuracy"]["selfreg"]["paired"] == [paired]
+
+
+def test_bad_own_data_is_refused_before_any_training(compare, synthetic_dataset, tmp_path):
+    """A folder without dataset.json/imagesTr, and a dataset whose test label is missing: refused with the file
+    named, before the plan step or any run."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    base = ["--profile", "smoke", "--method", "selfreg", "--results", str(tmp_path / "r"), "--readme",
+            str(tmp_path / "none.md")]
+    with pytest.raises(SystemExit, match=f"{empty / 'dataset.json'} and {empty / 'imagesTr'} not found"):
+        compare.main([*base, "--dataset_dir", str(empty), "--out", str(tmp_path / "o1")])
+    broken = tmp_path / "broken"
+    shutil.copytree(synthetic_dataset, broken)
+    [label] = (broken / "labelsTs").glob("*.nii.gz")
+    label.unlink()
+    with pytest.raises(SystemExit, match=f"test label {label} not found"):
+        compare.main([*base, "--dataset_dir", str(broken), "--out", str(tmp_path / "o2")])
+    assert not (tmp_path / "o1" / "plans").exists() and not (tmp_path / "o2" / "plans").exists()
+    own = compare.parse_args(["--dataset_dir", str(broken), "--out", str(tmp_path / "o3")])
+    assert own.readme is None and own.results == tmp_path / "o3" / "report"  # the repository's report is left alone
+
+
+def test_paired_verdicts(paired_stats):
+    spans = paired_stats.bootstrap_interval([0.03, -0.02, 0.01, -0.01, 0.02])
+    assert spans.low < 0 < spans.high and paired_stats.verdict(spans).startswith("no measurable effect")
+    positive = paired_stats.bootstrap_interval([0.05, 0.07, 0.06, 0.08, 0.04])
+    assert positive.low > 0 and positive.mean == pytest.approx(0.06)
+    assert paired_stats.verdict(positive) == f"better by 0.060 (95 % CI {positive.low:+.3f} to {positive.high:+.3f})"
+    negative = paired_stats.bootstrap_interval([-0.05, -0.07, -0.06, -0.08, -0.04])
+    assert negative.high < 0 and paired_stats.verdict(negative).startswith("worse by 0.060 (95 % CI -0.0")
+    assert paired_stats.bootstrap_interval([0.05, 0.07, 0.06, 0.08, 0.04]) == positive  # fixed generator
+    with pytest.raises(ValueError, match="finite"):
+        paired_stats.bootstrap_interval([0.1, float("nan")])
 
 
 def test_validation_curve_reads_the_logged_epochs(compare, tmp_path):
@@ -87,19 +137,19 @@ def test_readme_without_markers_is_left_alone(compare, tmp_path):
     assert readme.read_text() == "# no markers\n"
 
 
-def test_dice_gain_is_taken_against_the_registry_arm(compare):
-    """SemSim is compared with FixMatch: its gain is semsim − fixmatch, paired by seed, though the study pairs every
-    arm with its first (supervised)."""
-    def diff(per_seed):
-        return {"dice": {"mean": {"per_seed": per_seed, "mean": sum(per_seed.values()) / len(per_seed)}}}
+def test_method_is_compared_with_its_registry_arm(compare):
+    """SemSim is compared with FixMatch: besides every arm − supervised, semsim − fixmatch, paired by seed and case."""
+    def run(arm, seed, dice):
+        return {"task": "synthetic", "arm": arm, "seed": seed, "cases": [{"case": "c", "dice": {"mean": dice}}]}
 
-    report = {"settings": {"arms": [{"name": "supervised"}, {"name": "fixmatch"}, {"name": "semsim"}],
-                           "tasks": ["synthetic"]},
-              "datasets": {"synthetic": {"classes": ["a", "b"]}},
-              "differences": {"synthetic": {"fixmatch": diff({"0": 0.10, "1": 0.30}),
-                                            "semsim": diff({"0": 0.15, "1": 0.30})}}}
-    assert compare.dice_gain(report, "synthetic", "semsim", "supervised") == pytest.approx(0.225)
-    assert compare.dice_gain(report, "synthetic", "semsim", "fixmatch") == pytest.approx(0.025)
+    report = {"settings": {"tasks": ["synthetic"]}, "datasets": {"synthetic": {"classes": ["a", "b"]}},
+              "runs": [run("supervised", 0, 0.5), run("supervised", 1, 0.6), run("fixmatch", 0, 0.6),
+                       run("fixmatch", 1, 0.9), run("semsim", 0, 0.65), run("semsim", 1, 0.9)]}
     semsim = compare.method_registry.by_name("semsim")
+    report["paired"] = compare.comparisons(semsim, report)
+    assert [(c["arm"], c["against"]) for c in report["paired"]] == [
+        ("fixmatch", "supervised"), ("semsim", "supervised"), ("semsim", semsim.compare_against)]
+    against = compare.find_comparison(report, "synthetic", "semsim", "fixmatch")
+    assert [p["difference"] for p in against["pairs"]] == pytest.approx([0.05, 0.0])
     [line] = compare.target_lines({"semsim": report}, [semsim])
     assert f"semsim − {semsim.compare_against} = +0.025" in line and f"≥ {semsim.dice_gain_target:+.3f}" in line
