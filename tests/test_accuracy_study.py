@@ -1,5 +1,6 @@
-"""scripts/accuracy_study.py's refusal of a folder it did not make; the study end to end, with its resume, runs in
-tests/test_compare_methods.py (the comparison drives it)."""
+"""scripts/accuracy_study.py's refusal of a folder it did not make and its arms from the registry. (The study's
+training runs are not exercised end to end here: compare_methods.py, which has its own end-to-end test, no longer
+drives it.)"""
 
 from __future__ import annotations
 
