@@ -27,8 +27,9 @@ from .safe_io import replacing
 
 # The export bounds, stored as an extra file inside the .pt2 archive.
 BOUNDS_FILE = "bounds.json"
-# The smallest spatial size, in divisors: a bottleneck of one voxel is refused by the backbones' instance norm, and
-# torch.export specializes a size of 1, so the program could not take larger ones.
+# The smallest spatial size, in divisors: torch.export specializes a size of 1, so a program exported with a bound of
+# one divisor still refuses it (measured: SegResNet's, with a guard that the bottleneck is not one voxel); UNet's
+# instance norm refuses a one-voxel bottleneck anyway. The bounds state what the program takes.
 MIN_DIVISORS = 2
 # Eager and reloaded program must agree within this (torch.testing.assert_close's rtol and atol, per logit).
 TOLERANCE = 1e-4
