@@ -3,6 +3,7 @@
     python scripts/package_bundle.py check bundles/selfreg_segmentation [--weights RUN_DIR]
     python scripts/package_bundle.py package bundles/*_segmentation [--out dist] [--release OWNER/REPO/TAG]
     python scripts/package_bundle.py package bundles/selfreg_segmentation --weights RUN_DIR   # a trained model.pt
+    python scripts/package_bundle.py package bundles/selfreg_segmentation --weights RUN_DIR --program RUN_DIR
     python scripts/package_bundle.py verify dist/selfreg_segmentation_v0.2.0.zip
     python scripts/package_bundle.py install dist/selfreg_segmentation_v0.2.0.zip --bundle_dir ~/bundles
 
@@ -13,7 +14,9 @@ against the zoo schema, ``verify_net_in_out``, and ``--weights`` that load into 
 out of the zip, as in the zoo: each is written next to the zip as a release asset and listed in
 ``large_files.yml`` with its sha256. The weights (``--weights``: models/model.pt) are listed there too, and written
 next to the zip, as the zoo takes them: this is the route for a model-zoo submission, whose ``ci/verify_bundle.py``
-refuses a bundle without models/model.pt or a large_files.yml that lists it. The source bundle is only read.
+refuses a bundle without models/model.pt or a large_files.yml that lists it. ``--program`` adds the
+``torch.export`` program (models/model.pt2, written by the bundles' run id ``export``), listed there the same way; it
+must load with ``torch.export.load`` and hold the packaged weights. The source bundle is only read.
 
 ``verify`` and ``install`` treat a zip as untrusted: every member is inspected before anything is written (absolute
 paths, drive letters, backslashes, ``..``, links and special files, more than one top-level folder, a folder not
@@ -54,7 +57,7 @@ ZIP_DATE_TIME = (2022, 5, 30, 0, 0, 0)
 REQUIRED_FILES = ("LICENSE", "configs/metadata.json", "configs/inference.json", "configs/train.json",
                   "configs/logging.conf", "docs/README.md")
 # The weight files the bundle spec names; anything else under models/ is a training output (checkpoints).
-MODEL_FILES = ("model.pt", "model.ts", "model.onnx")
+MODEL_FILES = ("model.pt", "model.ts", "model.onnx", "model.pt2")
 OUTPUT_FOLDERS = ("eval", "runs", "mlruns", "logs", "data", "dataset", "datasets")
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd", ".raw", ".dcm")
 # Written into the bundle by MONAI Label's multi-GPU training.
@@ -79,9 +82,10 @@ def read_metadata(bundle: Path) -> dict:
         raise BundleError(f"{path}: cannot be read as JSON ({e}); a bundle needs a valid configs/metadata.json") from e
 
 
-def check_bundle(bundle: Path, weights: Path | None = None) -> list[str]:
+def check_bundle(bundle: Path, weights: Path | None = None, program: Path | None = None) -> list[str]:
     """The model-zoo CI checks of ``bundle`` and of the weights it ships (``weights``, else its own models/model.pt
-    if it has one), as problems; empty when it passes."""
+    if it has one), and of its ``torch.export`` program (``program``, else its own models/model.pt2 if it has one),
+    as problems; empty when it passes."""
     missing = [f for f in REQUIRED_FILES if not (bundle / f).is_file()]
     if missing:
         return [f"{bundle / f}: missing (a bundle needs {', '.join(REQUIRED_FILES)})" for f in missing]
@@ -93,8 +97,12 @@ def check_bundle(bundle: Path, weights: Path | None = None) -> list[str]:
         problems.append(f"{meta_file}: version {version!r} has no entry in 'changelog'; describe the release there")
     problems += metadata_schema_problems(meta_file, meta)
     if not problems:  # the network check reads the metadata's network_data_format
-        own_weights = bundle / "models" / "model.pt"
-        problems += network_problems(bundle, weights or (own_weights if own_weights.is_file() else None))
+        own_weights, own_program = bundle / "models" / "model.pt", bundle / "models" / "model.pt2"
+        weights = weights or (own_weights if own_weights.is_file() else None)
+        problems += network_problems(bundle, weights)
+        program = program or (own_program if own_program.is_file() else None)
+        if program and not problems:
+            problems += program_problems(program, weights)
     return problems
 
 
@@ -150,6 +158,31 @@ def network_problems(bundle: Path, weights: Path | None) -> list[str]:
     return []
 
 
+def program_problems(program: Path, weights: Path | None) -> list[str]:
+    """``program`` (a model.pt2) loads with ``torch.export.load``, carries the export bounds of the bundles'
+    ``scripts/export.py``, and holds ``weights`` (the packaged model.pt), so that the two files are one model."""
+    import torch
+
+    extra = {"bounds.json": ""}  # scripts/export.py BOUNDS_FILE
+    try:
+        exported = torch.export.load(program, extra_files=extra)
+    except Exception as e:  # torch raises many types for a file that is not an exported program
+        return [f"{program}: not a torch.export program ({type(e).__name__}: {e}); package the models/model.pt2 "
+                "that the bundle's run id 'export' writes"]
+    if not extra["bounds.json"]:
+        return [f"{program}: has no bounds.json, so inference cannot check its windows; export it with the bundle's "
+                "run id 'export'"]
+    if weights is None:
+        return []
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    held = exported.state_dict
+    differ = sorted(set(held) ^ set(state)) + [k for k in held if k in state and not torch.equal(held[k], state[k])]
+    if differ:
+        return [f"{program}: was exported from other weights than {weights} ({len(differ)} tensors differ, e.g. "
+                f"{differ[0]}); export the packaged model again (run id 'export', --overwrite True)"]
+    return []
+
+
 # -------------------------------------------------------------------------------------------------------- package
 
 
@@ -163,7 +196,7 @@ def skip_reason(rel: PurePosixPath, is_dir: bool) -> str | None:
     if len(rel.parts) == 1 and is_dir and name in OUTPUT_FOLDERS:
         return "outputs or data"
     if rel.parts[0] == "models" and len(rel.parts) > 1 and not (len(rel.parts) == 2 and name in MODEL_FILES):
-        return "training output (only models/model.pt, .ts and .onnx are packaged)"
+        return "training output (only models/model.pt, .ts, .onnx and .pt2 are packaged)"
     if is_dir:
         return None
     if rel.suffix == ".log" or name.startswith("events.out.tfevents"):
@@ -202,12 +235,14 @@ def bundle_files(bundle: Path) -> tuple[dict[str, Path], list[str]]:
     return files, skipped
 
 
-def resolve_weights(weights: Path) -> Path:
-    """``weights`` is a model.pt, or a training output folder (the ``--bundle_root`` of a training run)."""
-    path = weights / "models" / "model.pt" if weights.is_dir() else weights
+def resolve_weights(weights: Path, filename: str = "model.pt") -> Path:
+    """``weights`` is a ``filename`` (model.pt, or model.pt2 for --program), or a training output folder (the
+    ``--bundle_root`` of a training run) that holds models/``filename``."""
+    path = weights / "models" / filename if weights.is_dir() else weights
     if not path.is_file():
-        raise BundleError(f"{path}: no such file; --weights takes a model.pt or a training output folder that holds "
-                          "models/model.pt")
+        option = "--program" if filename.endswith(".pt2") else "--weights"
+        raise BundleError(f"{path}: no such file; {option} takes a {filename} or a training output folder that "
+                          f"holds models/{filename}")
     return path
 
 
@@ -254,17 +289,19 @@ def file_digest(path: Path, hash_type: str) -> str:
         return hashlib.file_digest(f, hash_type).hexdigest()
 
 
-def zip_members(bundle: Path, weights: Path | None, release: str | None
+def zip_members(bundle: Path, weights: Path | None, release: str | None, program: Path | None = None
                 ) -> tuple[dict[str, bytes | Path], dict[str, Path], list[str]]:
     """What the zip of ``bundle`` holds (relative path -> file or content), the files listed in its
     large_files.yml that are published next to it (relative path -> file), and what was left out as not shareable.
 
-    Listed are the weights (models/model.pt, .ts, .onnx: the model zoo takes them through large_files.yml, as its
-    bundles do) and any other file above 25 MB; the weights stay in the zip too when they are within 25 MB."""
+    Listed are the weights (models/model.pt, .ts, .onnx, .pt2: the model zoo takes them through large_files.yml, as
+    its bundles do) and any other file above 25 MB; the weights stay in the zip too when they are within 25 MB."""
     name, version = bundle.name, read_metadata(bundle)["version"]
     files, skipped = bundle_files(bundle)
     if weights:
         files["models/model.pt"] = weights
+    if program:
+        files["models/model.pt2"] = program
     large_entries = []
     for source_name in LARGE_FILES_NAMES:  # entries the bundle already lists are kept, ours are added
         if source_name in files:
@@ -284,8 +321,10 @@ def zip_members(bundle: Path, weights: Path | None, release: str | None
     return members, listed, skipped
 
 
-def package_bundle(bundle: Path, out: Path, weights: Path | None = None, release: str | None = None) -> Path:
-    """Check ``bundle`` and write ``out/{name}_v{version}.zip`` (plus large-file assets); returns the zip."""
+def package_bundle(bundle: Path, out: Path, weights: Path | None = None, release: str | None = None,
+                   program: Path | None = None) -> Path:
+    """Check ``bundle`` and write ``out/{name}_v{version}.zip`` (plus large-file assets); returns the zip.
+    ``program``: a model.pt2 (or a training output folder holding models/model.pt2) packaged as models/model.pt2."""
     bundle, out = bundle.resolve(), out.resolve()
     if not (bundle / "configs" / "metadata.json").is_file():
         raise BundleError(f"{bundle}: not a bundle folder (no configs/metadata.json)")
@@ -293,12 +332,13 @@ def package_bundle(bundle: Path, out: Path, weights: Path | None = None, release
         raise BundleError(f"{out}: the output folder is inside the bundle {bundle}; the bundle would package its own "
                           "zips and change: choose --out outside it")
     weights_file = resolve_weights(weights) if weights else None
-    problems = check_bundle(bundle, weights_file)
+    program_file = resolve_weights(program, "model.pt2") if program else None
+    problems = check_bundle(bundle, weights_file, program_file)
     if problems:
         raise BundleError(f"refusing to package {bundle}:\n  " + "\n  ".join(problems) +
                           "\nFix these and run again; nothing was written.")
     name, version = bundle.name, read_metadata(bundle)["version"]
-    members, listed, skipped = zip_members(bundle, weights_file, release)
+    members, listed, skipped = zip_members(bundle, weights_file, release, program_file)
     out.mkdir(parents=True, exist_ok=True)
     zip_path = out / f"{name}_v{version}.zip"
     with tempfile.TemporaryDirectory(dir=out) as tmp:  # a failed run leaves no half-written zip
@@ -546,6 +586,10 @@ def main(argv: list[str] | None = None) -> int:
     package.add_argument("--weights", type=Path,
                          help="package this model.pt (or a training output folder's models/model.pt) as "
                               "models/model.pt; one bundle only")
+    package.add_argument("--program", type=Path,
+                         help="package this torch.export program (a model.pt2, or a training output folder's "
+                              "models/model.pt2, written by the bundle's run id 'export') as models/model.pt2; it "
+                              "must hold the packaged weights; one bundle only")
     package.add_argument("--release", metavar="OWNER/REPO/TAG",
                          help="the GitHub release the zip goes to: fills in large-file urls, prints the commands")
     verify = commands.add_parser("verify", help="inspect an untrusted bundle zip; extract nothing")
@@ -564,12 +608,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.bundle}: passes the model-zoo checks")
             return 1 if problems else 0
         if args.command == "package":
-            if args.weights and len(args.bundles) > 1:
-                raise BundleError("--weights belongs to one bundle: package bundles with weights one at a time")
+            if (args.weights or args.program) and len(args.bundles) > 1:
+                raise BundleError("--weights and --program belong to one bundle: package bundles with weights one "
+                                  "at a time")
             if args.release and len(args.release.split("/")) != 3:
                 raise BundleError(f"--release {args.release}: expected OWNER/REPO/TAG")
             for bundle in args.bundles:
-                package_bundle(bundle, args.out, args.weights, args.release)
+                package_bundle(bundle, args.out, args.weights, args.release, args.program)
         elif args.command == "verify":
             inspected = inspect_zip(args.zip, args.name)
             print(f"{args.zip}: safe to extract (bundle {inspected.name} {inspected.version})")
