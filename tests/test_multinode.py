@@ -106,12 +106,14 @@ def checkpoint_epoch(path: Path) -> int:
 @dataclass
 class LostNode:
     """A two-node training that lost a node after its first checkpoint: its folder, the newest checkpoint's epoch,
-    the other node's exit status (None: it did not end) and log, and each rank's probe."""
+    the other node's exit status (None: it did not end), the seconds it took to end and its log, and each rank's
+    probe."""
 
     root: Path
     dataset: Path
     epoch: int
     survivor_status: int | None
+    survivor_seconds: float
     survivor_log: str
     probes: dict[int, list]
 
@@ -129,20 +131,25 @@ def lost_node(tmp_path_factory, synthetic_dataset) -> LostNode:
             assert time.monotonic() < deadline and lost.poll() is None, (base / "node0.log").read_text()[-3000:]
             time.sleep(0.05)
         kill_node(lost)
+        killed = time.monotonic()
         survivor_status = wait(survivor, EXIT_BOUND)
+        survivor_seconds = time.monotonic() - killed
     finally:
         for node in (lost, survivor):
             if node.poll() is None:
                 kill_node(node)
     epochs = [checkpoint_epoch(p) for p in root.glob("models/checkpoint_epoch=*.pt")]
     assert epochs, (base / "node1.log").read_text()[-3000:]
-    return LostNode(root, synthetic_dataset, max(epochs), survivor_status, (base / "node1.log").read_text(),
+    return LostNode(root, synthetic_dataset, max(epochs), survivor_status, survivor_seconds,
+                    (base / "node1.log").read_text(),
                     {int(p.name[4:]): ast.literal_eval(p.read_text()) for p in probes.glob("rank*")})
 
 
 def test_a_lost_node_ends_the_other_node_with_an_error(lost_node):
     assert lost_node.survivor_status is not None, f"the other node still ran {EXIT_BOUND} s after losing its peer"
-    assert lost_node.survivor_status != 0, lost_node.survivor_log[-3000:]
+    # (it ended 8 s after the loss on a loaded 2-core machine: its next collective failed, then torchrun stopped)
+    assert lost_node.survivor_status != 0, (f"it ended with status 0 {lost_node.survivor_seconds:.0f} s after the loss"
+                                            f"\n{lost_node.survivor_log[-3000:]}")
 
 
 def test_each_node_reads_its_own_shard_on_the_device_of_its_local_rank(lost_node):

@@ -40,7 +40,8 @@ def explain(args, error: Exception) -> str:
             f"a node was not started, was started with another --rdzv_id or --nnodes, or cannot reach "
             f"{args.rdzv_endpoint}. {retry}, within join_timeout of each other (--rdzv_conf join_timeout=SECONDS)."
         )
-    return f"torchrun: cannot reach the {where}: {error}. {retry}."
+    cause = str(error.__cause__ or error).splitlines()[0].rstrip(".")  # torch's first line, without its C++ trace
+    return f"torchrun: cannot reach the {where} ({cause}). {retry}."
 
 
 @record
