@@ -4,7 +4,7 @@ all: the multi-node overlay (configs/multi_gpu_train.json) and its code are the 
 
 One two-node training loses a node (its launcher and worker are killed together) once its first checkpoint exists:
 the other node must exit with an error instead of waiting, and both nodes relaunched resume from the last
-checkpoint. The same run shows that each node reads its own shard of the training cases, that each process takes
+checkpoint. The same run shows that each node trains on its own shard of the training cases, that each process takes
 the device of its LOCAL_RANK, and that only global rank 0 writes. A launcher whose second node never comes, and two
 nodes that do not share bundle_root, are refused with a message that says what happened.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -152,13 +153,13 @@ def test_a_lost_node_ends_the_other_node_with_an_error(lost_node):
                                             f"\n{lost_node.survivor_log[-3000:]}")
 
 
-def test_each_node_reads_its_own_shard_on_the_device_of_its_local_rank(lost_node):
+def test_each_node_trains_on_its_own_shard_on_the_device_of_its_local_rank(lost_node):
     assert sorted(lost_node.probes) == [0, 1]
     shards = [set(lost_node.probes[rank][2]) for rank in (0, 1)]
     assert shards[0] and shards[1] and not shards[0] & shards[1]  # disjoint
     training_images = {p.name for p in (lost_node.dataset / "imagesTr").glob("*.nii.gz")}
     assert shards[0] | shards[1] <= training_images
-    assert len(shards[0] | shards[1]) == 4  # the 4 training cases of the 6 labelled ones, all read
+    assert len(shards[0] | shards[1]) == 4  # the 4 training cases of the 6 labelled ones, all trained on
     # global ranks 0 and 1, each the only process of its node: LOCAL_RANK 0 on both, the CPU here
     assert [lost_node.probes[rank][:2] for rank in (0, 1)] == [["0", "cpu"], ["0", "cpu"]]
 
@@ -171,9 +172,9 @@ def test_relaunched_nodes_resume_from_the_last_checkpoint(lost_node, tmp_path):
     statuses = [wait(node, 540) for node in nodes]
     log = "\n".join(p.read_text() for p in logs)
     assert statuses == [0, 0], log[-5000:]
-    # both ranks resumed at the checkpoint's epoch and trained one epoch more, none from epoch 1
-    assert log.count(f"epoch {epoch} until {epoch + 1} epochs") == 2, log[-5000:]
-    assert "Epoch[1]" not in log
+    # both ranks loaded the newest checkpoint and trained its next epoch only, not from epoch 1 again
+    assert log.count(f"Restored all variables from {root}/models/checkpoint_epoch={epoch}.pt") == 2, log[-5000:]
+    assert re.findall(r"SupervisedTrainer - INFO - Epoch\[(\d+)\] Complete", log) == [str(epoch + 1)] * 2
     newest = root / f"models/checkpoint_epoch={epoch + 1}.pt"
     assert checkpoint_epoch(newest) == epoch + 1
     # only global rank 0 wrote: the TensorBoard files are those of rank 0's process in each of the two trainings

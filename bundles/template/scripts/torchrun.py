@@ -36,7 +36,7 @@ def explain(args, error: Exception) -> str:
         timeout = rendezvous_conf(args.rdzv_conf).get("join_timeout", DEFAULT_JOIN_TIMEOUT)
         return (
             f"torchrun: the {where} did not gather --nnodes {args.nnodes} nodes within join_timeout={timeout} s: "
-            f"a node was not started, was started with another --rdzv_id or --nnodes, or cannot reach "
+            "a node was not started, was started with another --rdzv_id or --nnodes, or cannot reach "
             f"{args.rdzv_endpoint}. {retry}, within join_timeout of each other (--rdzv_conf join_timeout=SECONDS)."
         )
     cause = str(error.__cause__ or error).splitlines()[0].rstrip(".")  # torch's first line, without its C++ trace
