@@ -399,23 +399,26 @@ def cache_settings(
 ) -> tuple[dict, dict]:
     """How train.json caches the cases (``scripts/caching.py``): ``{"cache": "memory"|"disk"|"none",
     "cache_rate", "cache_gb"}`` and why. The size of every labelled case at the planned spacing and crop
-    (:func:`_cached_bytes`) against ``CACHE_MEMORY_SHARE`` of the host's available memory (``host_memory_gb``, else
-    measured now) and ``CACHE_DISK_SHARE`` of the free disk under ``cache_dir`` (``disk_free_gb``, else measured):
-    all in memory; else all on disk; else the share that fits in memory (a fitted ``cache_rate``); else no cache
-    (every case read from its files every epoch)."""
+    (:func:`_cached_bytes`; the datalist's ``validation`` cases at the mean size) against ``CACHE_MEMORY_SHARE``
+    of the host's available memory (``host_memory_gb``, else measured now) and ``CACHE_DISK_SHARE`` of the free
+    disk under ``cache_dir`` (``disk_free_gb``, else measured): all in memory; else all on disk; else the share
+    that fits in memory (a fitted ``cache_rate``); else no cache (every case read from its files every epoch)."""
     from .sliding_window import host_available_memory
 
     sizes = [_cached_bytes(c, settings["spacing"], settings["roi_size"], fp["channels"]) for c in fp["cases"]]
+    # a datalist's own 'validation' cases are cached too, each taken as large as the mean training case
+    extra = len(_read(fp["datalist"]).get("validation") or [])
+    sizes += [sum(sizes) // len(sizes)] * extra
     total = sum(sizes)
     memory = (host_memory_gb * 2**30 if host_memory_gb is not None else host_available_memory()) * CACHE_MEMORY_SHARE
     disk = (disk_free_gb * 2**30 if disk_free_gb is not None else _free_disk(cache_dir)) * CACHE_DISK_SHARE
-    gb = round(total / 2**30, 3)
-    budget = f"{memory / 2**30:.2f} GB of memory ({CACHE_MEMORY_SHARE:g} of the available)"
+    gb = round(total / 2**30, 6)
+    budget = f"{memory / 2**30:.3g} GB of memory ({CACHE_MEMORY_SHARE:g} of the available)"
     if total <= memory:
         cache, rate, why = "memory", 1.0, f"the {len(sizes)} cases ({gb} GB at the planned spacing) fit {budget}"
     elif total <= disk:
         cache, rate = "disk", 0.0
-        why = f"the {len(sizes)} cases ({gb} GB) exceed {budget} but fit {disk / 2**30:.2f} GB of disk in {cache_dir}"
+        why = f"the {len(sizes)} cases ({gb} GB) exceed {budget} but fit {disk / 2**30:.3g} GB of disk in {cache_dir}"
     elif memory >= min(sizes):
         cache, rate = "memory", math.floor(100 * memory / total) / 100
         why = f"the {len(sizes)} cases ({gb} GB) fit neither {budget} nor the disk: a share of {rate:g} is cached"
