@@ -126,7 +126,7 @@ def main() -> None:
             (args.out / f"{arm}.npy").unlink()
     (args.out / "default.npy").unlink()
     base = results["default"]
-    for arm, result in results.items():
+    for result in results.values():
         result["time_ratio"] = result["seconds"] / base["seconds"]
         result["rss_ratio"] = result["peak_rss_mib"] / base["peak_rss_mib"]
         if "peak_cuda_mib" in result:
