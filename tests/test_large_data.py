@@ -65,7 +65,8 @@ def test_bundle_inferer_gives_the_same_output_with_cpu_stitching_and_a_buffer(sy
             flow = workflow(BUNDLE, ["inference.json"], "infer", **overrides, **extra)
             parser = flow.parser
             inferer = parser.get_parsed_content("inferer")
-            assert inferer.buffer_steps == (extra.get("buffer_steps"))
+            assert inferer.buffer_steps == extra.get("buffer_steps")  # the automatic choice here: None
+            assert torch.device(inferer.device) == torch.device(inferer.sw_device) == torch.device("cpu")
             torch.manual_seed(0)
             network = parser.get_parsed_content("network_def").eval()
             image = parser.get_parsed_content("dataset")[0]["image"][None]

@@ -85,7 +85,9 @@ def stitching_for(
     # the input (on the network's device already: the evaluator moves it there) and the windows in flight
     windows = voxels * FLOAT_BYTES + sw_batch_size * math.prod(roi_size) * WINDOW_BYTES_PER_VOXEL
     choice = {"sw_device": device, "device": device, "buffer_steps": None, "output_gb": round(output / 2**30, 3)}
-    if device.type == "cpu" or output + windows <= MEMORY_SHARE * device_free:
+    if device.type == "cpu":
+        choice["why"] = f"the network runs on the CPU: the output ({choice['output_gb']} GB) is in host memory"
+    elif output + windows <= MEMORY_SHARE * device_free:
         choice["why"] = f"the output ({choice['output_gb']} GB) fits {device}'s free memory"
     else:
         # A buffer of k window rows along the last axis: (k - 1) strides plus one window, the whole other extent.
