@@ -152,3 +152,7 @@ def test_plan_chooses_the_cache_that_fits_and_training_runs_with_it(case, synthe
         assert dataset.cache_num == 1  # 0.68 of the 2 training cases
     cache_files = list((tmp_path / "cache").rglob("*.pt"))
     assert len(cache_files) == (3 if case == "disk" else 0)  # 2 training and 1 validation case, once each
+    if case == "disk":  # read back as written (MONAI rewrites a file it cannot load)
+        written = {path: path.stat().st_mtime_ns for path in cache_files}
+        assert dataset[0][0]["image"].meta["filename_or_obj"].endswith(".nii.gz")  # a list of crops
+        assert {path: path.stat().st_mtime_ns for path in cache_files} == written

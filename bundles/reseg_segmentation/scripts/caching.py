@@ -8,7 +8,8 @@ the memory and disk available; ``train.json`` builds both datasets with :func:`c
   deterministic transforms (loading, orientation, spacing, intensity, padding); the rest are prepared every epoch.
 - ``"disk"``: :class:`~monai.data.PersistentDataset` writes each case's deterministic result once under
   ``cache_dir/<key>`` and reads it back every epoch. ``key`` is a hash of the settings those transforms depend on,
-  so a new plan (another spacing) never reads the old plan's files.
+  so a new plan (another spacing) never reads the old plan's files; the file names also hash the deterministic
+  transforms' names.
 - ``"none"``: :class:`~monai.data.Dataset`: every case is read from its files every epoch; slow, but a dataset of
   any size trains in the memory of the cases a step needs.
 """
@@ -22,6 +23,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 
 from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.data.utils import json_hashing
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +55,11 @@ def cached_dataset(
         # track_meta: the cached tensors keep their MetaTensor meta (affine, file name), as a CacheDataset's do;
         # torch.load's weights_only refuses MetaTensors (MONAI 1.6 then deletes and recomputes the file every time),
         # so the files, which this bundle wrote in its own folder, are unpickled in full
-        dataset = PersistentDataset(data, transform, cache_dir=folder, track_meta=True, weights_only=False)
+        # hash_transform: the file names also change with the list of deterministic transforms (MONAI hashes their
+        # class names when, as here, their arguments are not JSON), so editing that list never reads stale files
+        dataset = PersistentDataset(
+            data, transform, cache_dir=folder, hash_transform=json_hashing, track_meta=True, weights_only=False
+        )
         where = f"cached on disk in {folder}"
     elif cache == "none":
         dataset = Dataset(data, transform)
