@@ -6,7 +6,9 @@ the stitched output (one float per class and voxel, plus a count map) on ``devic
 stitches that many rows of windows along ``buffer_dim`` on ``sw_device`` and copies each finished slab once.
 :func:`choose_stitching` picks these three for the largest image of a run (read from the file headers, at the
 planned spacing): the output stays on the network's device when it fits there, else it is stitched in host memory
-with a buffer as large as the device holds. The configs read the choice through the ids ``sw_device``,
+with a buffer as large as the device holds. ``None`` is MONAI's default, the input's device (where the evaluator
+put it: the network's), so the common case behaves exactly as an inferer without these arguments, under any
+caller that places the input itself (MONAI Label). The configs read the choice through the ids ``sw_device``,
 ``stitch_device`` and ``buffer_steps``; a command-line override of an id replaces it, so it wins.
 
 On a CPU-only machine both devices are the host: the choice changes nothing, and what lowers the peak is fewer
@@ -77,14 +79,15 @@ def stitching_for(
 
     Returns:
         ``{"sw_device", "device", "buffer_steps", "output_gb", "why"}``: the first three are the arguments of
-        ``SlidingWindowInferer`` (``device`` is where the output is stitched; ``buffer_steps`` None is unbuffered).
+        ``SlidingWindowInferer`` (``device`` is where the output is stitched, None: the input's device;
+        ``buffer_steps`` None is unbuffered).
     """
     device = torch.device(device)
     voxels = math.prod(shape)
     output = OUTPUT_COPIES * (num_classes + 1) * voxels * FLOAT_BYTES
     # the input (on the network's device already: the evaluator moves it there) and the windows in flight
     windows = voxels * FLOAT_BYTES + sw_batch_size * math.prod(roi_size) * WINDOW_BYTES_PER_VOXEL
-    choice = {"sw_device": device, "device": device, "buffer_steps": None, "output_gb": round(output / 2**30, 3)}
+    choice = {"sw_device": None, "device": None, "buffer_steps": None, "output_gb": round(output / 2**30, 3)}
     if device.type == "cpu":
         choice["why"] = f"the network runs on the CPU: the output ({choice['output_gb']} GB) is in host memory"
     elif output + windows <= MEMORY_SHARE * device_free:
@@ -103,7 +106,8 @@ def stitching_for(
             f"the output ({choice['output_gb']} GB) does not fit {device}'s free memory "
             f"({device_free / 2**30:.2f} GB): stitched on the CPU, {steps or 'no'} window rows buffered on {device}"
         )
-    if choice["device"].type == "cpu" and output > host_free:
+    on_host = device.type == "cpu" or choice["device"] is not None
+    if on_host and output > host_free:
         logger.warning(
             f"sliding window: a volume of {list(shape)} voxels x {num_classes} classes needs about "
             f"{choice['output_gb']} GB of host memory, {host_free / 2**30:.2f} GB are available: the run may be "
@@ -141,7 +145,7 @@ def choose_stitching(
         except (OSError, nib.filebasedimages.ImageFileError) as e:  # not NIfTI: the loader reads it, or refuses it
             logger.warning(f"sliding window: no NIfTI header in {path} ({e}); the stitching is chosen without it")
     if not shapes:
-        return {"sw_device": torch.device(device), "device": torch.device(device), "buffer_steps": None}
+        return {"sw_device": None, "device": None, "buffer_steps": None}
     largest = max(shapes, key=math.prod)
     roi = [min(r, s) for r, s in zip(roi_size, largest)] if len(roi_size) == len(largest) else list(roi_size)
     host = host_available_memory()
