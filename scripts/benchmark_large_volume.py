@@ -46,7 +46,8 @@ def arm_arguments(arm: str, args: argparse.Namespace, device: torch.device) -> d
         return {}
     if arm == "bundle":
         sys.path.insert(0, str(TEMPLATE))
-        from scripts.sliding_window import free_memory, host_available_memory, stitching_for
+        from scripts.memory import free_memory, host_available_memory
+        from scripts.sliding_window import stitching_for
 
         choice = stitching_for(args.shape, args.classes, args.roi, args.sw_batch_size, args.overlap, device,
                                free_memory(device), host_available_memory())

@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from monai.data import load_decathlon_datalist
 
+from .memory import host_available_memory
 from .settings import plain, write_settings
 
 logger = logging.getLogger(__name__)
@@ -402,8 +403,6 @@ def cache_settings(
     of the host's available memory (``host_memory_gb``, else measured now) and ``CACHE_DISK_SHARE`` of the free
     disk under ``cache_dir`` (``disk_free_gb``, else measured): all in memory; else all on disk; else the share
     that fits in memory (a fitted ``cache_rate``); else no cache (every case read from its files every epoch)."""
-    from .sliding_window import host_available_memory
-
     sizes = [_cached_bytes(c, settings["spacing"], settings["roi_size"], fp["channels"]) for c in fp["cases"]]
     # a datalist's own 'validation' cases are cached too, each taken as large as the mean training case
     extra = len(_read(fp["datalist"]).get("validation") or [])

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import nibabel as nib
 import torch
+
+from .memory import free_memory, host_available_memory
 
 logger = logging.getLogger(__name__)
 
@@ -36,26 +37,6 @@ OUTPUT_COPIES = 3
 WINDOW_BYTES_PER_VOXEL = 512
 # Share of the free memory a choice may plan to use (the rest: the allocator's fragmentation, other processes).
 MEMORY_SHARE = 0.8
-
-
-def free_memory(device: torch.device | str) -> int:
-    """Free bytes on ``device``: CUDA's free memory, or the host's available memory (``MemAvailable``)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    return host_available_memory()
-
-
-def host_available_memory() -> int:
-    """The bytes the host can still give without swapping (``/proc/meminfo`` ``MemAvailable``; else free pages)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def stitching_for(
