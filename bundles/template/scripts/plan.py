@@ -31,6 +31,11 @@ The settings (:func:`make_settings`), every choice with its reason in the plan's
 - ``iterations_per_epoch``, ``sw_batch_size``, ``sw_overlap``: 250 iterations (nnU-Net) on CUDA, 50 on CPU;
   sliding windows of the crop size, 4 at a time with 0.5 overlap on CUDA, 2 with 0.25 on CPU.
 
+The cache (:func:`cache_settings`, keys ``cache``, ``cache_rate``, ``cache_gb``): every labelled case at the planned
+spacing, padded to the crop, as float32 image channels and label, against half the host's available memory and
+most of the free disk under the cache folder: all in memory, else all on disk, else a fitted share in memory, else
+none (the cases are read from their files every epoch: slow, never killed for memory).
+
 The plan refuses, naming the file: mixed modalities (CT and MR channels), spacings that differ by more than 10x
 between cases, a dataset smaller than one crop, labels without any foreground.
 """
@@ -42,6 +47,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -50,6 +56,7 @@ import numpy as np
 import torch
 from monai.data import load_decathlon_datalist
 
+from .memory import host_available_memory
 from .settings import plain, write_settings
 
 logger = logging.getLogger(__name__)
@@ -73,6 +80,10 @@ DIVISORS = {"segresnet": 16, "unet": 16, "swinunetr": 32}
 # Spacings of one axis may differ at most this much between cases.
 MAX_SPACING_RATIO = 10.0
 MR_PERCENTILES = (0.5, 99.5)
+# The dataset cache may take this share of the host's available memory (the rest: the model, the loader workers'
+# augmented crops, the validation outputs) and of the free disk under the cache folder.
+CACHE_MEMORY_SHARE = 0.5
+CACHE_DISK_SHARE = 0.8
 CT_NAMES = ("CT",)
 MR_NAMES = ("MR", "MRI", "T1", "T2", "FLAIR", "PD", "ADC", "DWI", "T1W", "T2W", "T1GD", "T1CE", "SWI", "BOLD")
 
@@ -364,6 +375,57 @@ def make_settings(fp: Mapping, backbone: str = "segresnet") -> tuple[dict, dict]
     return settings, why
 
 
+def _cached_bytes(case: Mapping, spacing: Sequence[float], roi: Sequence[int], channels: int) -> int:
+    """Bytes one case takes in a cache: its image channels and label as float32 (what ``LoadImaged`` makes) on the
+    grid at ``spacing``, padded to at least ``roi`` (train.json's ``SpatialPadd``)."""
+    shape = [max(s, r) for s, r in zip(_shape_at(case["size_mm"], spacing), roi)]
+    return (channels + 1) * math.prod(shape) * 4
+
+
+def _free_disk(folder: str) -> int:
+    """Free bytes on the file system that holds ``folder`` (or its nearest existing parent)."""
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return shutil.disk_usage(folder).free
+
+
+def cache_settings(
+    fp: Mapping,
+    settings: Mapping,
+    host_memory_gb: float | None = None,
+    disk_free_gb: float | None = None,
+    cache_dir: str = ".",
+) -> tuple[dict, dict]:
+    """How train.json caches the cases (``scripts/caching.py``): ``{"cache": "memory"|"disk"|"none",
+    "cache_rate", "cache_gb"}`` and why. The size of every labelled case at the planned spacing and crop
+    (:func:`_cached_bytes`; the datalist's ``validation`` cases at the mean size) against ``CACHE_MEMORY_SHARE``
+    of the host's available memory (``host_memory_gb``, else measured now) and ``CACHE_DISK_SHARE`` of the free
+    disk under ``cache_dir`` (``disk_free_gb``, else measured): all in memory; else all on disk; else the share
+    that fits in memory (a fitted ``cache_rate``); else no cache (every case read from its files every epoch)."""
+    sizes = [_cached_bytes(c, settings["spacing"], settings["roi_size"], fp["channels"]) for c in fp["cases"]]
+    # a datalist's own 'validation' cases are cached too, each taken as large as the mean training case
+    extra = len(_read(fp["datalist"]).get("validation") or [])
+    sizes += [sum(sizes) // len(sizes)] * extra
+    total = sum(sizes)
+    memory = (host_memory_gb * 2**30 if host_memory_gb is not None else host_available_memory()) * CACHE_MEMORY_SHARE
+    disk = (disk_free_gb * 2**30 if disk_free_gb is not None else _free_disk(cache_dir)) * CACHE_DISK_SHARE
+    gb = round(total / 2**30, 6)
+    budget = f"{memory / 2**30:.3g} GB of memory ({CACHE_MEMORY_SHARE:g} of the available)"
+    if total <= memory:
+        cache, rate, why = "memory", 1.0, f"the {len(sizes)} cases ({gb} GB at the planned spacing) fit {budget}"
+    elif total <= disk:
+        cache, rate = "disk", 0.0
+        why = f"the {len(sizes)} cases ({gb} GB) exceed {budget} but fit {disk / 2**30:.3g} GB of disk in {cache_dir}"
+    elif memory >= min(sizes):
+        cache, rate = "memory", math.floor(100 * memory / total) / 100
+        why = f"the {len(sizes)} cases ({gb} GB) fit neither {budget} nor the disk: a share of {rate:g} is cached"
+    else:
+        cache, rate = "none", 0.0
+        why = f"not one of the {len(sizes)} cases ({gb} GB) fits {budget} or the disk: read from the files"
+    return {"cache": cache, "cache_rate": rate, "cache_gb": gb}, {"cache": why}
+
+
 def _inside(path: str, folder: str) -> bool:
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return os.path.commonpath([path, folder]) == folder
@@ -377,8 +439,12 @@ def write_plan(
     device: str | None = None,
     device_memory_gb: float | None = None,
     backbone: str = "segresnet",
+    host_memory_gb: float | None = None,
+    disk_free_gb: float | None = None,
+    cache_dir: str = ".",
 ) -> dict:
-    """Fingerprint the dataset, choose the settings and write them to ``plan_file`` (atomically; refused inside the
+    """Fingerprint the dataset, choose the settings and the cache (:func:`cache_settings`: ``host_memory_gb``,
+    ``disk_free_gb`` override what is measured) and write them to ``plan_file`` (atomically; refused inside the
     dataset folder or the datalist's folder). Returns the plan."""
     for folder in {dataset_dir, os.path.dirname(os.path.abspath(datalist))}:
         if _inside(plan_file, folder):
@@ -388,6 +454,10 @@ def write_plan(
             )
     fp = fingerprint(datalist, dataset_dir, modality, device, device_memory_gb)
     settings, why = make_settings(fp, backbone)
+    cache, cache_why = cache_settings(fp, settings, host_memory_gb, disk_free_gb, cache_dir)
+    settings.update(cache)
+    why.update(cache_why)
+    logger.info(f"plan: cache {cache['cache']}, cache_rate {cache['cache_rate']}: {cache_why['cache']}")
     plan = {
         "plan_version": PLAN_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
