@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
+from monai.data.utils import affine_to_spacing
 from monai.engines import Evaluator
 from monai.handlers import IgniteMetricHandler, MeanDice, ValidationHandler, from_engine
-from monai.data.utils import affine_to_spacing
 from monai.metrics import HausdorffDistanceMetric
 
 logger = logging.getLogger(__name__)
