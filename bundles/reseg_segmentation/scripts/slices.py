@@ -16,16 +16,22 @@ from monai.transforms import LoadImage
 _AXIS_CODES = ("RL", "AP", "SI")
 
 
-def spatial_rank(path: str) -> int:
+def spatial_rank(path: str) -> int | None:
     """Spatial dimensions of the image at ``path`` after channel-first loading (a 4-D NIfTI's last axis is its
-    channels, as the bundles load it)."""
-    return LoadImage(image_only=True, ensure_channel_first=True)(path).ndim - 1
+    channels, as the bundles load it); None when it cannot be read, which ``dataset_check`` reports by name."""
+    try:
+        return LoadImage(image_only=True, ensure_channel_first=True)(path).ndim - 1
+    except Exception:  # any reader's error: the dataset check names the file and the problem
+        return None
 
 
 def slice_wise(items: Sequence[dict], spatial_dims: int, key: str = "image") -> bool:
-    """True when a 2-D network is given 3-D images, so the run infers slice by slice. The first image decides;
-    ``dataset_check`` then refuses images of the other rank by name. False without items."""
-    return spatial_dims == 2 and len(items) > 0 and spatial_rank(str(items[0][key])) == 3
+    """True when a 2-D network is given 3-D images, so the run infers slice by slice. The first readable image
+    decides; ``dataset_check`` then refuses images of the other rank by name. False without readable items."""
+    if spatial_dims != 2:
+        return False
+    ranks = (spatial_rank(str(item[key])) for item in items)
+    return next((rank for rank in ranks if rank is not None), None) == 3
 
 
 def volume_axcodes(axcodes: str) -> str:
