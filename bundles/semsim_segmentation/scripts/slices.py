@@ -3,10 +3,9 @@
 
 A network trained on 2-D slices (``spatial_dims`` 2, the protocol SemSim follows on ACDC) segments a 3-D volume
 slice by slice with MONAI's ``SliceInferer`` over the volume's last spatial axis (its ``spatial_dim`` 2 in the
-configs). The volume is oriented with the
-model's 2-D orientation plus the axis it leaves out, placed last ("RA" -> "RAS": axial slices), and resampled in
-plane only, so every slice is what training saw; inference.json's ``Invertd`` puts the 3-D segmentation back on the
-input's grid.
+configs). The volume is oriented with the model's 2-D orientation plus the axis it leaves out, placed last ("RA" ->
+"RAS": axial slices), and resampled in plane only, so every slice is what training saw; inference.json's
+``Invertd`` puts the 3-D segmentation back on the input's grid.
 """
 
 from collections.abc import Sequence
