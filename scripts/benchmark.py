@@ -296,7 +296,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     configs = list(args.method.training.configs) if args.method else ["configs/train.json"]
     labeled = 2 if args.method and args.method.needs_unlabeled else None  # a full labeled batch, the rest unlabeled
     size = max(24, *(args.roi or [0]))
-    data = make_dataset.make_dataset("synthetic", work / "data", size=size, labeled=labeled, **DATASET).path
+    task = "synthetic2d" if args.roi and len(args.roi) == 2 else "synthetic"  # a 2D crop: 2D slices to train on
+    data = make_dataset.make_dataset(task, work / "data", size=size, labeled=labeled, **DATASET).path
     common = {"dataset_dir": str(data), "device": f"$torch.device('{args.device}')", "amp": args.device == "cuda",
               "num_workers": 0, "progress_bar": False, "resume": False, **args.extra}
     if args.roi:

@@ -1,16 +1,20 @@
 """Write a 3-D MRI segmentation dataset in the Medical Segmentation Decathlon (MSD) layout.
 
 Tasks: ``tissue`` (MNI ICBM152 T1, bg/GM/WM, four axial slabs: train 0 and 3, validate 1, test 2),
-``brain`` (brain extraction on three real heads) and ``synthetic`` (monai's noisy spheres).
+``tissue2d`` (the same slabs in the 2-D protocol SemSim uses on ACDC: training and validation slabs cut into axial
+2-D slices, the test slab kept as a volume, which a 2-D model segments slice by slice), ``brain`` (brain extraction
+on three real heads), ``synthetic`` (monai's noisy spheres) and ``synthetic2d`` (those in the 2-D protocol).
 Real volumes are fetched with pip / apt-get into a cache ($MB_DATA_CACHE, else ~/.cache/monai_method_bundles);
 if that fails, synthetic volumes are written instead and the output says so. Besides the MSD folders
 it writes labelsTs, so held-out Dice can be computed.
 
 ``--labeled N`` makes a semi-supervised dataset: only the first N training cases keep their label; the others stay
 in dataset.json's ``training`` without a ``label`` key and no label file of theirs is written, so they are truly
-unlabelled. Validation and test cases keep their labels.
+unlabelled. Validation and test cases keep their labels. In ``tissue2d`` the N labelled slices are spread evenly
+over the training slices (listed first, so they are "the first N"); the paper labels 1, 3 or 7 of ACDC's cases.
 
     python scripts/make_dataset.py --task tissue --out data/tissue
+    python scripts/make_dataset.py --task tissue2d --labeled 3 --out data/tissue2d
     python scripts/make_dataset.py --task synthetic --num-cases 10 --labeled 2 --out data/semi
 """
 
@@ -30,7 +34,9 @@ import nibabel as nib
 import numpy as np
 
 MARKER = ".made_by_make_dataset"
-TASKS = ("tissue", "brain", "synthetic")
+TASKS = ("tissue", "tissue2d", "brain", "synthetic", "synthetic2d")
+# The 2-D protocol's tasks and the 3-D tasks they cut into slices.
+_SLICED = {"tissue2d": "tissue", "synthetic2d": "synthetic"}
 _OUTPUTS = ("dataset.json", "imagesTr", "labelsTr", "imagesTs", "labelsTs")
 _FETCH_TIMEOUT_S = 900
 # FileNotFoundError (no pip / apt-get / dpkg-deb) is an OSError.
@@ -171,6 +177,31 @@ def _tissue(cache: Path) -> _Dataset:
     return _Dataset("MNI152Tissue", description, _MNI_REF, labels, splits)
 
 
+def _axial_slice(case: _Case, z: int) -> _Case:
+    """Axial slice ``z`` of a volume as a 2-D case; its affine keeps every pixel where it is in the world."""
+    return _Case(f"{case.name}_z{z:03d}", case.image[..., z], case.label[..., z], _shift(case.affine, z))
+
+
+def _spread(count: int, k: int) -> list[int]:
+    """``k`` of ``range(count)`` spread evenly: the centres of ``k`` equal parts (k = 1: the middle one)."""
+    return [int((i + 0.5) * count / k) for i in range(k)]
+
+
+def _as_slices(dataset: _Dataset, labeled: int | None) -> _Dataset:
+    """The 2-D protocol: training and validation volumes cut into axial slices, test volumes kept whole. The
+    ``labeled`` training slices spread evenly over all of them come first (all of them in order when None)."""
+    training = [_axial_slice(case, z) for case in dataset.splits["training"] for z in range(case.image.shape[2])]
+    validation = [_axial_slice(case, z) for case in dataset.splits["validation"] for z in range(case.image.shape[2])]
+    first = _spread(len(training), labeled) if labeled else []
+    training = [training[i] for i in first] + [case for i, case in enumerate(training) if i not in set(first)]
+    description = (
+        f"{dataset.description}; 2-D: training and validation volumes cut into {len(training)} and {len(validation)}"
+        " axial slices, test volumes kept whole"
+    )
+    splits = {"training": training, "validation": validation, "test": dataset.splits["test"]}
+    return replace(dataset, name=f"{dataset.name}2D", description=description, splits=splits)
+
+
 def _brain(cache: Path) -> _Dataset:
     t1, tissue, affine = _mni(cache)
     itk = _itk_head(cache)
@@ -226,7 +257,7 @@ def _build(task: str, cache: Path, seed: int, num_cases: int, size: int, num_cla
     if task == "synthetic":
         return _synthetic(num_cases, size, num_classes, seed), "synthetic"
     try:
-        return (_tissue(cache) if task == "tissue" else _brain(cache)), "real"
+        return (_brain(cache) if task == "brain" else _tissue(cache)), "real"
     except _FETCH_ERRORS as exc:
         reason = _reason(exc)
         print(f"FALLBACK: real volumes could not be fetched ({reason}); writing synthetic volumes instead")
@@ -290,7 +321,8 @@ def _write_dataset(out: Path, dataset: _Dataset, labeled: int | None = None) -> 
         "name": dataset.name,
         "description": dataset.description,
         "reference": dataset.reference,
-        "tensorImageSize": "3D",
+        # of the training images (2-D slice tasks evaluate on 3-D test volumes)
+        "tensorImageSize": f"{dataset.splits['training'][0].image.ndim}D",
         "modality": {"0": "MRI"},
         "labels": dataset.labels,
         "numTraining": len(splits["training"]),
@@ -320,7 +352,9 @@ def make_dataset(
     out = Path(out_dir).expanduser()
     _check_output(out)  # before any download, so a bad --out fails fast
     cache = Path(cache_dir or os.environ.get("MB_DATA_CACHE") or Path.home() / ".cache/monai_method_bundles")
-    dataset, source = _build(task, cache.expanduser(), seed, num_cases, size, num_classes)
+    dataset, source = _build(_SLICED.get(task, task), cache.expanduser(), seed, num_cases, size, num_classes)
+    if task in _SLICED:
+        dataset = _as_slices(dataset, labeled)
     description = dataset.description
     if labeled is not None:
         num_training = len(dataset.splits["training"])

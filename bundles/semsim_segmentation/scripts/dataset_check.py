@@ -79,15 +79,23 @@ def _zero_voxel_size(path: str, spatial_dims: int) -> str | None:
     )
 
 
-def _image_problems(path: str, image: np.ndarray, in_channels: int, spatial_dims: int) -> list[str]:
+def _image_problems(
+    path: str, image: np.ndarray, in_channels: int, spatial_dims: int, slice_wise: bool = False
+) -> list[str]:
     problems = []
-    if image.ndim - 1 != spatial_dims:
+    if slice_wise and image.ndim - 1 != 3:
+        problems.append(
+            f"{path}: has {image.ndim - 1} spatial dimension(s) (shape {list(image.shape[1:])}), but this run segments "
+            "3D volumes slice by slice with the 2D network (its first image is 3D): give 3D volumes only, and the "
+            "2D images in a run of their own"
+        )
+    elif not slice_wise and image.ndim - 1 != spatial_dims:
         problems.append(
             f"{path}: has {image.ndim - 1} spatial dimension(s) (shape {list(image.shape[1:])}), the network is "
             f"{spatial_dims}D: give {spatial_dims}D images or set --spatial_dims {image.ndim - 1} (with --roi_size, "
             "--spacing and --orientation of that many entries)"
         )
-    elif (problem := _zero_voxel_size(path, spatial_dims)) is not None:
+    elif (problem := _zero_voxel_size(path, image.ndim - 1)) is not None:
         problems.append(problem)
     if image.shape[0] != in_channels:
         problems.append(
@@ -110,13 +118,13 @@ def _image_problems(path: str, image: np.ndarray, in_channels: int, spatial_dims
 
 
 def _check_image(
-    path: str, in_channels: int, spatial_dims: int, loader: LoadImage, context: str = ""
+    path: str, in_channels: int, spatial_dims: int, loader: LoadImage, context: str = "", slice_wise: bool = False
 ) -> tuple[np.ndarray | None, np.ndarray | None, list[str]]:
     """Read one image and check it; returns it, its affine and the problems."""
     image, affine, error = _load(path, loader, context)
     if image is None:
         return None, None, [error]
-    return image, affine, _image_problems(path, image, in_channels, spatial_dims)
+    return image, affine, _image_problems(path, image, in_channels, spatial_dims, slice_wise)
 
 
 def _label_problems(path: str, label: np.ndarray, num_classes: int) -> list[str]:
@@ -146,7 +154,13 @@ def _label_problems(path: str, label: np.ndarray, num_classes: int) -> list[str]
 
 
 def _check_pair(
-    item: dict, num_classes: int, in_channels: int, spatial_dims: int, loader: LoadImage, where: str
+    item: dict,
+    num_classes: int,
+    in_channels: int,
+    spatial_dims: int,
+    loader: LoadImage,
+    where: str,
+    slice_wise: bool = False,
 ) -> list[str]:
     """Problems of one ``{"image", "label"}`` entry; ``where`` names it in the datalist ("training case 3")."""
     missing = [key for key in ("image", "label") if key not in item]
@@ -155,7 +169,7 @@ def _check_pair(
         return [f"{where} has no {keys} ({item}): every case needs 'image' and 'label'"]
     image_path, label_path = str(item["image"]), str(item["label"])
     image, image_affine, problems = _check_image(
-        image_path, in_channels, spatial_dims, loader, f" (the image of label {label_path})"
+        image_path, in_channels, spatial_dims, loader, f" (the image of label {label_path})", slice_wise
     )
     label, label_affine, label_error = _load(label_path, loader, f" (the label of image {image_path})")
     if label_error:
@@ -228,25 +242,33 @@ def check_evaluation_cases(
     in_channels: int = 1,
     spatial_dims: int = 3,
     datalist: str | None = None,
+    slice_wise: bool = False,
 ) -> int:
     """Check the ``{"image", "label"}`` cases to evaluate as :func:`check_dataset` checks training pairs; raise
-    :class:`DatasetError` listing all problems. Returns the number of cases."""
+    :class:`DatasetError` listing all problems. ``slice_wise``: a 2D network segments them as 3D volumes slice by
+    slice (``scripts.slices``), so they must be 3D. Returns the number of cases."""
     loader = _loader()
     problems = [
         problem
         for index, item in enumerate(items)
-        for problem in _check_pair(item, num_classes, in_channels, spatial_dims, loader, f"evaluation case {index}")
+        for problem in _check_pair(
+            item, num_classes, in_channels, spatial_dims, loader, f"evaluation case {index}", slice_wise
+        )
     ]
     _raise(problems, f"the cases to evaluate{f' from {datalist}' if datalist else ''} cannot be used")
     return len(items)
 
 
-def check_images(items: Sequence[dict], in_channels: int = 1, spatial_dims: int = 3, key: str = "image") -> int:
+def check_images(
+    items: Sequence[dict], in_channels: int = 1, spatial_dims: int = 3, key: str = "image", slice_wise: bool = False
+) -> int:
     """Check the images to segment (inference: no labels); raise :class:`DatasetError` listing all problems.
-    Returns the number of images."""
+    ``slice_wise`` as in :func:`check_evaluation_cases`. Returns the number of images."""
     loader = _loader()
     problems = [
-        problem for item in items for problem in _check_image(str(item[key]), in_channels, spatial_dims, loader)[2]
+        problem
+        for item in items
+        for problem in _check_image(str(item[key]), in_channels, spatial_dims, loader, "", slice_wise)[2]
     ]
     _raise(problems, "the images to segment cannot be used")
     return len(items)

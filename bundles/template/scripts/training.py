@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
+from monai.data.utils import affine_to_spacing
 from monai.engines import Evaluator
 from monai.handlers import IgniteMetricHandler, MeanDice, ValidationHandler, from_engine
 from monai.metrics import HausdorffDistanceMetric
@@ -89,7 +90,15 @@ class _HausdorffDistanceMM(HausdorffDistanceMetric):
         self.spacing = [float(s) for s in spacing]
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
-        return super()._compute_tensor(y_pred, y, spacing=self.spacing)
+        return super()._compute_tensor(y_pred, y, spacing=self._spacing_of(y))
+
+    def _spacing_of(self, y: torch.Tensor) -> list[float]:
+        """The configured spacing; where it is 0 (slice-wise evaluation of a 2D model keeps each volume's own
+        slice spacing, as ``Spacingd`` does), the spacing of ``y`` (a MetaTensor label, B = 1) from its affine."""
+        if all(s > 0 for s in self.spacing):
+            return self.spacing
+        own = affine_to_spacing(y.affine.reshape(-1, 4, 4)[0], r=len(self.spacing))
+        return [s if s > 0 else float(o) for s, o in zip(self.spacing, own)]
 
 
 class HD95(IgniteMetricHandler):
