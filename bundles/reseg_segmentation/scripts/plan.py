@@ -18,7 +18,7 @@ The settings (:func:`make_settings`), every choice with its reason in the plan's
   that the median case holds at most ``CPU_IMAGE_VOXELS`` voxels: a whole head then fits about one 64^3 crop
   (3 mm for the ``brain`` heads), which two cores train in minutes.
 - ``roi_size`` (the training crop, also the sliding window): the median case's extent at that spacing rounded up
-  to the backbone's divisor, capped per axis. CPU: at most 64 per axis. CUDA: crops as large as the device memory
+  to the backbone's divisor, capped per axis. CPU: at most 48 per axis. CUDA: crops as large as the device memory
   allows for ``batch_size`` x ``num_samples`` crops per step with AMP (``CUDA_BYTES_PER_VOXEL``), at least 96 per
   axis where the data is that large (the model zoo's 96^3 and more), at most 192.
 - ``batch_size`` (volumes per step) and ``num_samples`` (crops per volume): CPU, as many crops as fit
@@ -65,9 +65,11 @@ logger = logging.getLogger(__name__)
 PLAN_VERSION = 1
 # CPU: the median case at the planned spacing holds at most this many voxels (a whole head at 3 mm: 76x70x75).
 CPU_IMAGE_VOXELS = 400_000
-CPU_MAX_EDGE = 64
-# CPU: crop voxels per optimiser step (two 64^3 crops).
-CPU_STEP_VOXELS = 2 * 64**3
+# CPU: at most 48 voxels per axis: four 48^3 crops (442k voxels) cost a SegResNet step a little less than two 64^3
+# crops (524k) and give twice the crop positions per step (docs/recipe.md).
+CPU_MAX_EDGE = 48
+# CPU: crop voxels per optimiser step (four 48^3 crops).
+CPU_STEP_VOXELS = 4 * 48**3
 CPU_SPACING_STEP = 0.25
 # CUDA: bytes per crop voxel of a training step with AMP (SegResNet, 16 filters: activations, gradients, Adam),
 # of which a share CUDA_MEMORY_SHARE of the device memory is used.
