@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -159,3 +159,22 @@ def labels_to_metadata(settings_file: str, metadata_file: str) -> dict:
     metadata.update(label_classes=classes, pred_classes=classes)
     write_settings(metadata_file, metadata)
     return channel_def
+
+
+def crop_size(text: str | int | None, planned: Sequence[int]) -> list[int]:
+    """The training crop from a client's option (MONAI Label's ``displayable_configs#crop_size``): "" (default)
+    keeps the plan's ``planned`` crop; "96" is a cube; "96,96,64" one size per axis, as many as ``planned`` has."""
+    if text in ("", None):
+        return [int(s) for s in planned]
+    try:
+        sizes = [int(s) for s in str(text).replace(" ", "").split(",") if s]
+    except ValueError:
+        sizes = []
+    if len(sizes) == 1:
+        sizes = sizes * len(planned)
+    if len(sizes) != len(planned) or any(s < 1 for s in sizes):
+        raise ValueError(
+            f"crop_size {text!r} is not {len(planned)} positive sizes: give one size (a cube, e.g. '96'), "
+            f"{len(planned)} comma-separated sizes (e.g. {','.join(str(p) for p in planned)!r}), or '' for the plan's"
+        )
+    return sizes

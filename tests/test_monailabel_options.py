@@ -1,0 +1,60 @@
+"""The training options a MONAI Label client sees and sets: every bundle's ``displayable_configs``, which MONAI
+Label's ``BundleTrainTask`` lists in its train options (``config()``) and hands back, with the client's values, as
+the ``displayable_configs`` override of the training run. Here the override is given as that task gives it, in
+process; the live-server check (scripts/monailabel_check.sh) is the end-to-end test."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import BUNDLES, METHODS, bundle_module, in_bundle, method_params, small_run, workflow
+from method_registry import by_name
+
+SEMSIM = by_name("semsim")
+settings = bundle_module(BUNDLES / "selfreg_segmentation", "settings")
+
+
+@pytest.mark.parametrize("method", method_params(METHODS))
+def test_every_bundle_offers_learning_rate_crop_and_its_weights(method):
+    bundle = BUNDLES / method.bundle
+    with in_bundle(bundle):
+        flow = workflow(bundle, ["train.json"], "train", run_id="training", initialize=False)
+        options = flow.parser.get_parsed_content("displayable_configs", instantiate=True)
+    assert {"learning_rate", "crop_size", *method.weights} <= set(options), options
+    assert all(isinstance(v, (int, float, str, bool)) for v in options.values())  # what a client can show and edit
+
+
+def options_reach_training(root, dataset, **chosen) -> dict:
+    """Train one iteration with MONAI Label's override of ``displayable_configs`` (every option, the client's
+    values where given) and return what the run used."""
+    bundle = BUNDLES / SEMSIM.bundle
+    with in_bundle(bundle):
+        probe = workflow(bundle, ["train.json"], "train", run_id="training", initialize=False)
+        options = {**probe.parser.get_parsed_content("displayable_configs", instantiate=True), **chosen}
+        overrides = {key: value for key, value in small_run(SEMSIM).items() if key != "roi_size"}
+        flow = workflow(bundle, ["train.json"], "train", run_id="training", bundle_root=str(root),
+                        dataset_dir=str(dataset), max_epochs=1, displayable_configs=options,
+                        **{**overrides, "train#trainer#epoch_length": 1})
+        flow.run()
+        parsed = flow.parser
+        return {"lr": parsed.get_parsed_content("optimizer").param_groups[0]["initial_lr"],
+                "roi_size": parsed.get_parsed_content("roi_size"),
+                "metrics": dict(parsed.get_parsed_content("train#trainer").state.metrics)}
+
+
+def test_client_options_reach_bundle_training(semi_dataset, tmp_path):
+    used = options_reach_training(tmp_path / "on", semi_dataset, learning_rate=0.0005, crop_size="32",
+                                  cross_weight=0.0)
+    assert used["lr"] == pytest.approx(0.0005) and used["roi_size"] == [32, 32, 32]
+    assert "train_unlabeled" in used["metrics"] and "train_intra" in used["metrics"]
+    assert "train_cross" not in used["metrics"]  # the client's weight 0 switches the term off
+    off = options_reach_training(tmp_path / "off", semi_dataset, crop_size="32,32,32", unlabeled_pool=False)
+    assert not any(name in off["metrics"] for name in ("train_unlabeled", "train_intra", "train_cross"))
+
+
+def test_crop_size_option():
+    assert settings.crop_size("", [48, 48, 32]) == [48, 48, 32]
+    assert settings.crop_size("96", [48, 48, 32]) == [96, 96, 96]
+    assert settings.crop_size(" 96, 64 ,32", [48, 48, 32]) == [96, 64, 32]
+    for bad in ("96,64", "a,b,c", "0"):
+        with pytest.raises(ValueError, match="crop_size"):
+            settings.crop_size(bad, [48, 48, 32])
