@@ -7,7 +7,8 @@ load average before and after, the machine).
         -- --selfreg_weight 0 --spacing [3.0,3.0,3.0] --roi_size [48,48,48]
 
 Everything after ``--`` is passed to training and inference alike (training-only settings are dropped for
-inference: see ``TRAIN_ONLY``). Not a test: a measurement to run on the machine the numbers are reported for.
+inference: see ``TRAIN_ONLY``, and so are ``#`` paths into ids that ``inference.json`` does not define, such as
+``--seg_loss#batch``). Not a test: a measurement to run on the machine the numbers are reported for.
 """
 
 from __future__ import annotations
@@ -172,7 +173,10 @@ def main(argv: list[str] | None = None) -> dict:
     classes = json.loads((args.dataset_dir / "dataset.json").read_text())["labels"]
     num_classes = len(classes)
     predictions = args.out / "predictions"
-    infer_settings = [(k, v) for k, v in settings if k not in TRAIN_ONLY]
+    inference_ids = set(json.loads((bundle / "configs" / "inference.json").read_text()))
+    infer_settings = [
+        (k, v) for k, v in settings if k not in TRAIN_ONLY and ("#" not in k or k.split("#")[0] in inference_ids)
+    ]
     infer_settings.append(
         ("class_names", "[" + ",".join(f"'{classes[str(i)]}'" for i in range(num_classes)) + "]"))
     infer_s = infer(bundle, args.out, args.dataset_dir, infer_settings, predictions)

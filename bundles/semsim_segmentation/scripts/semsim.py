@@ -552,8 +552,9 @@ def pass_share(pseudo: torch.Tensor, confident: torch.Tensor, num_classes: int) 
     """(K,) share of the voxels pseudo-labelled c that pass the tau mask, per class c (0 where no voxel is c).
 
     pseudo (B, 1, *S) class indices, confident (B, 1, *S) the 0/1 mask of the same voxels."""
-    labelled = one_hot(pseudo, num_classes).flatten(2).sum((0, 2))
-    passing = one_hot(pseudo, num_classes).mul(confident).flatten(2).sum((0, 2))
+    classes = one_hot(pseudo, num_classes)
+    labelled = classes.flatten(2).sum((0, 2))
+    passing = classes.mul(confident).flatten(2).sum((0, 2))
     return passing / labelled.clamp(min=1)
 
 
