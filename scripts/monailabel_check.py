@@ -6,19 +6,21 @@ work folder outside the repository:
 - ``app/``: a copy of the installed ``monailabel/sample-apps/monaibundle`` with a copy of every
   ``bundles/*_segmentation`` under ``app/model/<name>/`` (copies, not links: MONAI Label writes models/model.pt
   into the bundle), each with untrained ``models/model.pt`` weights (MONAI Label lists a bundle only once it has
-  them); a method with a prerequisite stage in the registry (ReSeg's teacher ``models/reconstruction.pt``) has it
-  trained for one epoch with the bundle CLI on the datastore's labelled images, as a user would before training in
-  MONAI Label.
+  them). Nothing else is prepared: ReSeg's first ``/train`` must train its missing stage-1 teacher itself.
 - ``studies/``: a datastore of real MRI from ``scripts/make_dataset.py``: the MNI tissue slabs 0, 1 and 3 labelled
   (``labels/final/``), slab 2 and two other heads (ITK, LSA at 2x2x3 mm; ROBEX) unlabelled.
 
 Then it starts ``monailabel start_server`` on 127.0.0.1 (a free port, ``--conf zoo_source github`` so nothing is
-downloaded) and, for every bundle: ``/info`` lists it with its labels and dimension 3; ``/infer`` on two images
-returns a label volume with the input's shape and affine and only the bundle's label values; ``/train`` (one epoch,
-CPU) rewrites ``models/model.pt`` twice in a row (MONAI Label trains again after each round of labelling);
-``/infer`` then serves the trained model. A method that needs unlabelled images (SemSim) must report the
-datastore's unlabelled images as its unlabelled pool. Any failure ends the run with a non-zero exit and the server log's tail; the server is stopped in
-every case, and nothing may have been written into the repository bundles' output folders (models/, eval/, ...).
+downloaded) and, for every bundle: ``/info`` lists it with its labels and dimension 3; ``/infer`` on two images returns
+a label volume with the input's shape and affine and only the bundle's label values; ``/train`` (one epoch, CPU)
+rewrites ``models/model.pt`` twice in a row (MONAI Label trains again after each round of labelling), the first time
+with training options a client sets (learning rate, crop size, the method's weights), which the bundle must log as the
+values it trains with; ``/infer`` then serves the trained model. A method with a prerequisite stage (ReSeg's teacher)
+must train it in the first ``/train``, with its progress in the log, and not again in the second. A method that needs
+unlabelled images (SemSim) must report the datastore's unlabelled images as its unlabelled pool in the first round, and
+train without them in the second, where the client switches the pool off. Any failure ends the run with a non-zero exit
+and the server log's tail; the server is stopped in every case, and nothing may have been written into the repository
+bundles' output folders (models/, eval/, ...).
 
     .venv-monailabel/bin/python scripts/monailabel_check.py [--workdir DIR] [--data-cache DIR] [--keep]
 """
@@ -53,6 +55,7 @@ from method_registry import Method
 REPO = Path(__file__).resolve().parent.parent
 METHODS = method_registry.all_methods()
 BUNDLES = [m.bundle_dir for m in METHODS]
+METHOD_OF = {m.bundle: m for m in METHODS}
 # What the repository's bundle folders may hold from local runs; none of it belongs in the app's copy.
 LOCAL_OUTPUTS = ("models", "eval", "runs", "mlruns", "__pycache__")
 LABELS = {"grey matter": 1, "white matter": 2}  # every bundle's metadata channel_def, without the background
@@ -148,27 +151,6 @@ def write_untrained_model(bundle: Path, work: Path) -> None:
     run_logged([sys.executable, "-c", code], bundle, work / f"{bundle.name}_init.log", f"writing {bundle.name} weights")
 
 
-def train_stage1(method: Method, bundle: Path, studies: Path, work: Path) -> None:
-    """The method's prerequisite stage (registry ``stage1``) with the bundle CLI on the datastore's labelled images,
-    one epoch: the file it writes (ReSeg: ``models/reconstruction.pt``)."""
-    stage = method.stage1
-    data = work / f"{method.name}_stage1_data"
-    data.mkdir()
-    labels = json.loads((bundle / "configs/metadata.json").read_text())["network_data_format"]["outputs"]["pred"]
-    training = [{"image": str(studies / f"{n}.nii.gz"), "label": str(studies / f"labels/final/{n}.nii.gz")}
-                for n in LABELED]
-    (data / "dataset.json").write_text(json.dumps({"labels": labels["channel_def"], "training": training}))
-    configs = "[" + ",".join(f"'{c}'" for c in stage.configs) + "]"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", stage.run_id, "--config_file", configs,
-           "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf", "--bundle_root",
-           str(bundle), "--dataset_dir", str(data), "--max_epochs", "1", "--num_workers", "0",
-           "--progress_bar", "False"]
-    log_file = work / f"{method.name}_stage1.log"
-    run_logged(cmd, bundle, log_file, f"{method.title} stage 1")
-    if stage.writes and not (bundle / stage.writes).is_file():
-        raise CheckFailed(f"{method.title} stage 1 wrote no {bundle / stage.writes}; see {log_file}")
-
-
 def build_app(work: Path, studies: Path) -> Path:
     app = work / "app"
     shutil.copytree(sample_app(), app)
@@ -177,8 +159,6 @@ def build_app(work: Path, studies: Path) -> Path:
         shutil.copytree(method.bundle_dir, target,
                         ignore=lambda folder, names: [n for n in names if n in LOCAL_OUTPUTS])
         write_untrained_model(target, work)
-        if method.stage1 is not None:
-            train_stage1(method, target, studies, work)
     return app
 
 
@@ -279,31 +259,82 @@ def check_infer(server: Server, bundle: str, image: str, studies: Path, out_dir:
     return f"{image} {label.shape} labels {values.tolist()}"
 
 
-def check_train(server: Server, bundle: str, model: Path) -> None:
-    """``/train`` (one epoch on CPU) rewrites models/model.pt."""
+def client_options(method: Method, offered: dict, round_: int) -> dict:
+    """The options a client sends in ``/train`` round ``round_``: every training option of the bundle
+    (``displayable_configs``, which MONAI Label 0.8.5 reads from the request one by one) with the value /info offers
+    (``offered``), round 1 with a learning rate, a crop size and method weights of its own, round 2 with the offered
+    values, where a semi-supervised method's unlabelled pool is switched off. MONAI Label's own options are left at
+    their defaults: its offered ``run_id`` "" would make MONAI resolve the whole config rather than run id ``run``."""
+    train_config = json.loads((method.bundle_dir / "configs/train.json").read_text())
+    options = {name: offered[name] for name in train_config["displayable_configs"]}
+    options.update(max_epochs=1, device="cpu", multi_gpu=False)
+    if round_ == 1:
+        options.update(learning_rate=0.0005, crop_size="32", **{w: offered[w] / 2 for w in method.weights})
+    elif method.needs_unlabeled:
+        options["unlabeled_pool"] = False
+    return options
+
+
+def check_train(server: Server, bundle: str, model: Path, options: dict) -> str:
+    """``/train`` (one epoch on CPU) with ``options`` rewrites models/model.pt and logs the options it trains with.
+    Returns what the server logged during the request."""
+    start = server.log_file.stat().st_size
     before = sha256(model)
-    post(f"{server.url}/train/{bundle}?run_sync=true", f"/train {bundle}",
-         json={"max_epochs": 1, "device": "cpu", "multi_gpu": False})
+    post(f"{server.url}/train/{bundle}?run_sync=true", f"/train {bundle}", json=options)
     if sha256(model) == before:
         raise CheckFailed(f"/train {bundle} answered 200 but left {model} unchanged")
+    with open(server.log_file, errors="replace") as log_file:
+        log_file.seek(start)
+        logged = log_file.read()
+    used = re.findall(r"training options: (.*); max_epochs (\d+), crop \[([\d, ]+)\]", logged)
+    if len(used) != 1:
+        raise CheckFailed(f"/train {bundle}: expected one 'training options:' line in the log, found {len(used)}")
+    chosen, epochs, crop = used[0]
+    expected = [f"{name} {options[name]!r}" for name in ("learning_rate", "crop_size", *METHOD_OF[bundle].weights)]
+    missing = [e for e in expected if e not in chosen]
+    if missing or epochs != "1" or (options["crop_size"] == "32" and crop.replace(" ", "") != "32,32,32"):
+        raise CheckFailed(f"/train {bundle}: the client's options {expected}, 1 epoch, crop {options['crop_size']!r} did "
+                          f"not reach training, which logged: {used[0]}")
+    log(f"{bundle}: /train options reached training: {chosen}; max_epochs {epochs}, crop [{crop}]")
+    return logged
 
 
-def check_unlabeled_pool(method: Method, log_file: Path, studies: Path) -> None:
-    """A semi-supervised method's training took the datastore's unlabelled images as its unlabelled pool (the
-    bundle logs it)."""
-    found = re.findall(r"the unlabelled pool is the (\d+) other image\(s\) in \['([^']+)'\]",
-                       log_file.read_text(errors="replace"))
+def check_prerequisite_stage(method: Method, bundle: Path, logged: list[str], teacher_digest: str | None) -> None:
+    """The first ``/train`` of a method with a prerequisite stage trained it, with its progress (the stage's
+    iterations) logged between the announcement and the end, and wrote its file (``teacher_digest``: its digest after
+    round 1); the second left that file alone."""
+    teacher = bundle / method.stage1.writes
+    first, second = logged
+    started, done = first.find("stage 1 of 2"), first.find("stage 1 done")
+    if started < 0 or done < started or not re.search(r"Epoch: \d+/\d+, Iter: \d+/\d+", first[started:done]):
+        raise CheckFailed(f"{method.title}'s first /train did not train its missing prerequisite stage with progress "
+                          f"in the log ('stage 1 of 2', iterations, 'stage 1 done')")
+    if not teacher.is_file():
+        raise CheckFailed(f"{method.title}'s first /train wrote no {teacher}")
+    if "stage 1 of 2" in second or sha256(teacher) != teacher_digest:
+        raise CheckFailed(f"{method.title}'s second /train trained its prerequisite stage again")
+    log(f"{method.bundle}: the first /train trained the missing {method.stage1.writes} first (progress logged), "
+        "the second kept it")
+
+
+def check_unlabeled_pool(method: Method, logged: list[str], studies: Path) -> None:
+    """A semi-supervised method's first training took the datastore's unlabelled images as its unlabelled pool (the
+    bundle logs it); its second, with the pool switched off by the client, trained no unlabelled term."""
+    found = re.findall(r"the unlabelled pool is the (\d+) other image\(s\) in \['([^']+)'\]", logged[0])
     expected = (str(len(UNLABELED)), os.path.realpath(studies))
     if not found or any((count, os.path.realpath(folder)) != expected for count, folder in found):
         raise CheckFailed(f"{method.title}'s unlabelled pool was not the datastore's {len(UNLABELED)} unlabelled "
                           f"images in {studies}: the server log says {found or 'nothing about it'}")
-    log(f"{method.bundle}: unlabelled pool of {found[-1][0]} datastore images in {found[-1][1]}")
+    terms = re.findall(r"Metrics -- (train_\w+: .*)", logged[1])
+    if not terms or any(term in line for line in terms for term in ("train_unlabeled", "train_intra", "train_cross")):
+        raise CheckFailed(f"{method.title} trained unlabelled terms with the pool switched off: {terms}")
+    log(f"{method.bundle}: unlabelled pool of {found[-1][0]} datastore images in {found[-1][1]}; off in round 2: {terms[-1]}")
 
 
 def run_checks(work: Path, data_cache: str | None, timings: dict[str, float]) -> None:
     with timed("datastore (make_dataset.py, real MRI)", timings):
         studies = write_datastore(work, data_cache)
-    with timed("app (copy sample app and bundles, initial weights, prerequisite stages)", timings):
+    with timed("app (copy sample app and bundles, initial weights)", timings):
         app = build_app(work, studies)
     server = Server(app, studies, work / "server.log")
     try:
@@ -318,11 +349,18 @@ def run_checks(work: Path, data_cache: str | None, timings: dict[str, float]) ->
             with timed(f"{bundle.name} /infer x{len(INFER_IMAGES)}", timings):
                 results = [check_infer(server, bundle.name, image, studies, infer_dir) for image in INFER_IMAGES]
             log(f"{bundle.name} /infer: " + "; ".join(results))
+            offered = info["trainers"][bundle.name]["config"]
+            stage1_file = app / "model" / bundle.name / method.stage1.writes if method.stage1 else None
+            logged, stage1_digest = [], None
             for round_ in (1, 2):
                 with timed(f"{bundle.name} /train round {round_}", timings):
-                    check_train(server, bundle.name, model)
+                    logged.append(check_train(server, bundle.name, model, client_options(method, offered, round_)))
+                if round_ == 1 and stage1_file is not None and stage1_file.is_file():
+                    stage1_digest = sha256(stage1_file)
+            if stage1_file is not None:
+                check_prerequisite_stage(method, stage1_file.parents[1], logged, stage1_digest)
             if method.needs_unlabeled:
-                check_unlabeled_pool(method, server.log_file, studies)
+                check_unlabeled_pool(method, logged, studies)
             with timed(f"{bundle.name} /infer with the trained model", timings):
                 result = check_infer(server, bundle.name, INFER_IMAGES[0], studies, infer_dir, "_trained")
             log(f"{bundle.name} trained /infer: {result}")
@@ -374,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     if temporary and not args.keep:
         shutil.rmtree(work)
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -31,12 +31,17 @@ def options_reach_training(root, dataset, **chosen) -> dict:
         probe = workflow(bundle, ["train.json"], "train", run_id="training", initialize=False)
         options = {**probe.parser.get_parsed_content("displayable_configs", instantiate=True), **chosen}
         overrides = {key: value for key, value in small_run(SEMSIM).items() if key != "roi_size"}
+        # MONAI Label sets the trainer's max_epochs, not the bundle's max_epochs (default 300)
         flow = workflow(bundle, ["train.json"], "train", run_id="training", bundle_root=str(root),
-                        dataset_dir=str(dataset), max_epochs=1, displayable_configs=options,
-                        **{**overrides, "train#trainer#epoch_length": 1})
+                        dataset_dir=str(dataset), displayable_configs=options,
+                        **{**overrides, "train#trainer#epoch_length": 1, "train#trainer#max_epochs": 1})
         flow.run()
         parsed = flow.parser
         return {"lr": parsed.get_parsed_content("optimizer").param_groups[0]["initial_lr"],
+                "lr_iterations": parsed.get_parsed_content("lr_scheduler").total_iters,
+                "one_epoch": (parsed.get_parsed_content("iterations_per_epoch")
+                              or len(parsed.get_parsed_content("train#dataloader"))),
+                "logged": parsed.get_parsed_content("report_options"),
                 "roi_size": parsed.get_parsed_content("roi_size"),
                 "metrics": dict(parsed.get_parsed_content("train#trainer").state.metrics)}
 
@@ -45,6 +50,9 @@ def test_client_options_reach_bundle_training(semi_dataset, tmp_path):
     used = options_reach_training(tmp_path / "on", semi_dataset, learning_rate=0.0005, crop_size="32",
                                   cross_weight=0.0)
     assert used["lr"] == pytest.approx(0.0005) and used["roi_size"] == [32, 32, 32]
+    assert used["lr_iterations"] == used["one_epoch"]  # the schedule spans the 1 epoch MONAI Label asked for
+    assert "learning_rate 0.0005" in used["logged"] and "cross_weight 0.0" in used["logged"]
+    assert used["logged"].endswith("max_epochs 1, crop [32, 32, 32]")
     assert "train_unlabeled" in used["metrics"] and "train_intra" in used["metrics"]
     assert "train_cross" not in used["metrics"]  # the client's weight 0 switches the term off
     off = options_reach_training(tmp_path / "off", semi_dataset, crop_size="32,32,32", unlabeled_pool=False)

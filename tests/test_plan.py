@@ -69,10 +69,11 @@ def test_plan_on_synthetic_data_never_writes_into_the_dataset(synthetic_dataset,
 def test_plan_on_real_brain_heads_cpu_and_cuda(brain_dataset, tmp_path):
     cpu = run_plan(brain_dataset, tmp_path / "cpu", device="cpu")["settings"]
     assert cpu["spacing"] == [3.0, 3.0, 3.0] and cpu["roi_size"] == [48, 48, 48]
-    assert (cpu["batch_size"], cpu["num_samples"]) == (2, 2) and cpu["amp"] is False
+    assert (cpu["batch_size"], cpu["num_samples"]) == (2, 2) and cpu["amp"] is False and cpu["init_filters"] == 8
     cuda = run_plan(brain_dataset, tmp_path / "cuda", device="cuda", device_memory_gb=16)["settings"]
     assert cuda["spacing"] == [1.5, 2.0, 1.5]  # the median spacing (ITK 2x3x2 in RAS, MNI 1 mm)
     assert min(cuda["roi_size"]) >= 96 and cuda["amp"] is True and cuda["batch_size"] * cuda["num_samples"] >= 2
+    assert cuda["init_filters"] == 16
 
 
 def test_mr_normalisation_holds_on_a_noisy_background(brain_dataset, tmp_path):
@@ -151,8 +152,9 @@ def test_train_then_infer_with_only_the_data_and_output_folders(two_class_datase
     --dataset_dir and --output_dir; evaluate.json reads the same record; a contradicting override is refused."""
     root = tmp_path / "run"
     plan = run_plan(two_class_dataset, root, device="cpu")
-    # tiny network and run; the data settings (spacing, crop) are the plan's
-    tiny = {**{k: v for k, v in small_run(METHOD).items() if k not in ("spacing", "roi_size")},
+    # tiny run; the data settings (spacing, crop) and SegResNet's width (8 on CPU) are the plan's
+    planned = ("spacing", "roi_size", "backbones#segresnet#init_filters")
+    tiny = {**{k: v for k, v in small_run(METHOD).items() if k not in planned},
             "max_epochs": 1, "iterations_per_epoch": 2, "num_samples": 1}
     with in_bundle(BUNDLE):
         flow = workflow(BUNDLE, ["train.json"], "train", bundle_root=str(root), dataset_dir=str(two_class_dataset),

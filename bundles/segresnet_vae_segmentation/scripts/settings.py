@@ -12,6 +12,7 @@ command-line override that contradicts it (:func:`check_settings`), naming both 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -19,6 +20,8 @@ from functools import partial
 from typing import Any
 
 from .safe_io import replacing
+
+logger = logging.getLogger(__name__)
 
 SETTINGS_FILENAME = "model_settings.json"
 # Settings that must equal the recorded ones: a model sees its inputs only as it was trained to. The crop and the
@@ -179,3 +182,13 @@ def crop_size(text: str | int | None, planned: Sequence[int]) -> list[int]:
             f"{len(planned)} comma-separated sizes (e.g. {','.join(str(p) for p in planned)!r}), or '' for the plan's"
         )
     return sizes
+
+
+def log_training_options(options: Mapping[str, Any], max_epochs: int, roi_size: Sequence[int]) -> str:
+    """Log, before training, the options a MONAI Label client sees and sets (``displayable_configs``) with the values
+    this run trains with, and the epochs and crop they lead to; returns the logged line. It is how a ``/train``
+    request's options can be seen to reach the bundle (scripts/monailabel_check.py reads it)."""
+    chosen = ", ".join(f"{name} {value!r}" for name, value in options.items())
+    line = f"training options: {chosen}; max_epochs {max_epochs}, crop {list(roi_size)}"
+    logger.info(line)
+    return line

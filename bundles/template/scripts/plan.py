@@ -30,6 +30,8 @@ The settings (:func:`make_settings`), every choice with its reason in the plan's
   non-zero-region normalisation fails there; over the whole image the brain lands at 1.6-2.0 on all three heads.
 - ``iterations_per_epoch``, ``sw_batch_size``, ``sw_overlap``: 250 iterations (nnU-Net) on CUDA, 50 on CPU;
   sliding windows of the crop size, 4 at a time with 0.5 overlap on CUDA, 2 with 0.25 on CPU.
+- ``init_filters``: SegResNet's first-level width (``backbones#segresnet#init_filters``), 16 on CUDA as in the
+  model zoo, 8 on CPU, where it halves the cost of a step.
 
 The cache (:func:`cache_settings`, keys ``cache``, ``cache_rate``, ``cache_gb``): every labelled case at the planned
 spacing, padded to the crop, as float32 image channels and label, against half the host's available memory and
@@ -70,6 +72,10 @@ CPU_MAX_EDGE = 48
 # CPU: crop voxels per optimiser step (four 48^3 crops).
 CPU_STEP_VOXELS = 4 * 48**3
 CPU_SPACING_STEP = 0.25
+# SegResNet's first-level width: 16 on CUDA (the model zoo's), 8 on CPU, where a step with 16 costs about twice as
+# much and 8 reaches the brain target in fewer minutes (docs/recipe.md).
+CUDA_INIT_FILTERS = 16
+CPU_INIT_FILTERS = 8
 # CUDA: bytes per crop voxel of a training step with AMP (SegResNet, 16 filters: activations, gradients, Adam),
 # of which a share CUDA_MEMORY_SHARE of the device memory is used.
 CUDA_BYTES_PER_VOXEL = 2048
@@ -342,6 +348,7 @@ def make_settings(fp: Mapping, backbone: str = "segresnet") -> tuple[dict, dict]
             "(AMP)"
         )
         iterations, sw_batch_size, sw_overlap = 250, 4, 0.5
+        init_filters = CUDA_INIT_FILTERS
     else:
         roi = [min(_round_up(s, divisor), CPU_MAX_EDGE) for s in shape]
         crops = max(1, CPU_STEP_VOXELS // math.prod(roi))
@@ -349,6 +356,8 @@ def make_settings(fp: Mapping, backbone: str = "segresnet") -> tuple[dict, dict]
         num_samples = max(1, math.ceil(crops / batch_size))
         why["roi_size"] = f"the median case ({shape} voxels) rounded up to {divisor}, at most {CPU_MAX_EDGE} per axis"
         iterations, sw_batch_size, sw_overlap = 50, 2, 0.25
+        init_filters = CPU_INIT_FILTERS
+    why["init_filters"] = f"SegResNet's first-level width on {dev['kind']}"
     why["batch_size"] = f"{batch_size} volumes x {num_samples} crops per step"
     if fp["modality"] == "CT":
         fg = fp["foreground_intensity"]
@@ -373,6 +382,7 @@ def make_settings(fp: Mapping, backbone: str = "segresnet") -> tuple[dict, dict]
         "sw_batch_size": sw_batch_size,
         "sw_overlap": sw_overlap,
         "amp": cuda,
+        "init_filters": init_filters,
     }
     return settings, why
 

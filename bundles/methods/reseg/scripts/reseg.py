@@ -27,17 +27,23 @@ its ``state_dict``, its inference and its export are those of the plain backbone
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from ignite.engine import Engine
 from monai.networks import nets
 from monai.networks.utils import one_hot
 
 from .backbones import unwrap
 from .feature_taps import FeatureTaps, pool_to_size
+from .training import latest_checkpoint
+
+logger = logging.getLogger(__name__)
 
 LabelEncoding = Literal["onehot", "index"]
 FeatureNorm = Literal["instance", "none"]
@@ -173,17 +179,55 @@ class ReconstructionLoss(torch.nn.Module):
         return total
 
 
-def check_reconstruction_checkpoint(path: str, bundle_root: str = ".", backbone: str | None = None) -> str:
-    """Refuse stage 2 before any compute when the stage-1 checkpoint ``path`` is missing. Returns ``path``."""
-    if not os.path.isfile(path):
-        backbone_arg = f" --backbone {backbone}" if backbone else ""
-        raise FileNotFoundError(
-            f"ReSeg stage 2 needs the stage-1 reconstruction network {path}, which does not exist. Train it first "
-            f"(same data and backbone settings as this run):\n    {STAGE_ONE_COMMAND} --bundle_root {bundle_root}"
-            f"{backbone_arg} --dataset_dir ...\nor run both stages in order with run id 'training_all' and the same "
-            "two config files; --reseg_weight 0 trains the plain baseline, which needs no teacher."
+STAGE_ONE_CHECKPOINTS = "reconstruction_checkpoint_epoch=*.pt"
+
+
+def stage_one_pending(teacher_checkpoint: str, ckpt_dir: str, pattern: str = STAGE_ONE_CHECKPOINTS) -> bool:
+    """Whether stage 1 has to run before stage 2 in this training run: the teacher ``teacher_checkpoint`` does not
+    exist, or the newest stage-1 interval checkpoint in ``ckpt_dir`` is of a run that stopped before its last
+    iteration (a crash mid-stage-1 leaves the best teacher so far; stage 1 then resumes from that checkpoint). A
+    finished teacher is never retrained here: run id ``training`` of train_reconstruction.json retrains it."""
+    if not os.path.isfile(teacher_checkpoint):
+        return True
+    newest = latest_checkpoint(ckpt_dir, pattern)
+    if newest is None:
+        return False
+    trainer = torch.load(newest, map_location="cpu", weights_only=True)["trainer"]
+    return trainer["iteration"] < trainer["max_epochs"] * trainer["epoch_length"]
+
+
+def run_stage_one(
+    trainer: Engine, checkpoint_saver: Any | None, resume_loader: Any | None, teacher_checkpoint: str
+) -> None:
+    """Train the stage-1 reconstruction network (the teacher) in this run, then return so that stage 2 follows.
+
+    ``checkpoint_saver`` (None on ranks other than 0) and ``resume_loader`` (None when starting fresh) are attached
+    to ``trainer`` first. Progress is the stage-1 trainer's own (loss per iteration, validation per epoch), framed by
+    one log line before and after. Refused under torchrun with more than one process, where every rank would train
+    a teacher of its own."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError(
+            f"ReSeg stage 2 needs the stage-1 teacher {teacher_checkpoint}, which is missing or unfinished, and "
+            "stage 1 runs in one process. Train it first without torchrun, with the same data and settings:\n"
+            f"    {STAGE_ONE_COMMAND} --bundle_root ... --dataset_dir ...\nthen start this multi-process run again."
         )
-    return path
+    state = trainer.state
+    logger.info(
+        f"ReSeg stage 1 of 2: training the teacher (label-to-image reconstruction network) for {state.max_epochs} "
+        f"epoch(s) of {state.epoch_length} iterations, because {teacher_checkpoint} is missing or unfinished; stage 2 "
+        "(segmentation) follows in this run"
+    )
+    if checkpoint_saver is not None:
+        checkpoint_saver.attach(trainer)
+    if resume_loader is not None:
+        resume_loader.attach(trainer)
+    trainer.run()
+    if not os.path.isfile(teacher_checkpoint):
+        raise RuntimeError(
+            f"ReSeg stage 1 ended without writing the teacher {teacher_checkpoint}: it is written at stage 1's "
+            "validation, so give stage 1 at least one validation (val_interval, max_epochs)"
+        )
+    logger.info(f"ReSeg stage 1 done, teacher {teacher_checkpoint}; stage 2 of 2: segmentation with the teacher")
 
 
 def _pool_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
