@@ -262,14 +262,16 @@ def check_infer(server: Server, bundle: str, image: str, studies: Path, out_dir:
 def client_options(method: Method, offered: dict, round_: int) -> dict:
     """The options a client sends in ``/train`` round ``round_``: every training option of the bundle
     (``displayable_configs``, which MONAI Label 0.8.5 reads from the request one by one) with the value /info offers
-    (``offered``), round 1 with a learning rate, a crop size and method weights of its own, round 2 with the offered
-    values, where a semi-supervised method's unlabelled pool is switched off. MONAI Label's own options are left at
-    their defaults: its offered ``run_id`` "" would make MONAI resolve the whole config rather than run id ``run``."""
+    (``offered``), epochs of 20 iterations and 32^3 crops, round 1 with a learning rate and method weights of its
+    own, round 2 with the offered values, where a semi-supervised method's unlabelled pool is switched off. MONAI
+    Label's own options are left at their defaults: its offered ``run_id`` "" would make MONAI resolve the whole
+    config, not run id ``run``."""
     train_config = json.loads((method.bundle_dir / "configs/train.json").read_text())
     options = {name: offered[name] for name in train_config["displayable_configs"]}
-    options.update(max_epochs=1, device="cpu", multi_gpu=False)
+    # epochs of 20 iterations of 32^3 crops keep the check short (without a plan an epoch is 250 iterations)
+    options.update(max_epochs=1, device="cpu", multi_gpu=False, crop_size="32", iterations_per_epoch="20")
     if round_ == 1:
-        options.update(learning_rate=0.0005, crop_size="32", **{w: offered[w] / 2 for w in method.weights})
+        options.update(learning_rate=0.0005, **{w: offered[w] / 2 for w in method.weights})
     elif method.needs_unlabeled:
         options["unlabeled_pool"] = False
     return options
@@ -290,11 +292,14 @@ def check_train(server: Server, bundle: str, model: Path, options: dict) -> str:
     if len(used) != 1:
         raise CheckFailed(f"/train {bundle}: expected one 'training options:' line in the log, found {len(used)}")
     chosen, epochs, crop = used[0]
-    expected = [f"{name} {options[name]!r}" for name in ("learning_rate", "crop_size", *METHOD_OF[bundle].weights)]
+    chosen_names = ("learning_rate", "crop_size", "iterations_per_epoch", *METHOD_OF[bundle].weights)
+    expected = [f"{name} {options[name]!r}" for name in chosen_names]
     missing = [e for e in expected if e not in chosen]
-    if missing or epochs != "1" or (options["crop_size"] == "32" and crop.replace(" ", "") != "32,32,32"):
+    if missing or epochs != "1" or crop.replace(" ", "") != "32,32,32":
         raise CheckFailed(f"/train {bundle}: the client's options {expected}, 1 epoch, crop {options['crop_size']!r} did "
                           f"not reach training, which logged: {used[0]}")
+    if not re.search(rf"Iter: \d+/{options['iterations_per_epoch']} ", logged):
+        raise CheckFailed(f"/train {bundle}: no epoch of {options['iterations_per_epoch']} iterations in the log")
     log(f"{bundle}: /train options reached training: {chosen}; max_epochs {epochs}, crop [{crop}]")
     return logged
 

@@ -204,6 +204,17 @@ RECORDED_KEYS = ("class_names", "in_channels", "spatial_dims", "orientation", "s
                  "roi_size", "sw_batch_size", "sw_overlap", "backbone")
 
 
+def as_shipped(config: Any, plan_defaults: dict) -> Any:
+    """``config`` with each setting that train.json reads from the plan (``$@plan['key']``, such as SegResNet's
+    ``init_filters``) at the plan's default, its value when the bundle ships without a plan."""
+    if isinstance(config, dict):
+        return {k: as_shipped(v, plan_defaults) for k, v in config.items()}
+    if isinstance(config, list):
+        return [as_shipped(v, plan_defaults) for v in config]
+    read = re.fullmatch(r"\$@plan\['(\w+)'\]", config) if isinstance(config, str) else None
+    return plan_defaults[read.group(1)] if read else config
+
+
 @pytest.mark.parametrize("method", method_params())
 def test_train_and_inference_configs_agree(method: Method):
     """The network and preprocessing that inference.json builds are the ones train.json trained: the same
@@ -212,11 +223,12 @@ def test_train_and_inference_configs_agree(method: Method):
     train_config = json.loads((method.bundle_dir / "configs/train.json").read_text())
     infer_config = json.loads((method.bundle_dir / "configs/inference.json").read_text())
     eval_config = json.loads((method.bundle_dir / "configs/evaluate.json").read_text())
-    assert train_config["backbones"] == infer_config["backbones"]
+    planned = train_config["plan"]["defaults"]
+    assert as_shipped(train_config["backbones"], planned) == infer_config["backbones"]
     assert set(train_config["model_settings"]) == {*RECORDED_KEYS, "network"}
     for key in RECORDED_KEYS:
         assert "@recorded_settings" in infer_config[key] and "@recorded_settings" in eval_config[key], key
-    shipped, planned = infer_config["shipped_settings"], train_config["plan"]["defaults"]
+    shipped = infer_config["shipped_settings"]
     assert {k: shipped[k] for k in planned if k in shipped} == {k: planned[k] for k in planned if k in shipped}
     assert set(method.backbones) <= set(train_config["backbones"])  # what the registry offers, the configs build
 

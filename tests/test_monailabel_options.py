@@ -19,7 +19,7 @@ def test_every_bundle_offers_learning_rate_crop_and_its_weights(method):
     with in_bundle(bundle):
         flow = workflow(bundle, ["train.json"], "train", run_id="training", initialize=False)
         options = flow.parser.get_parsed_content("displayable_configs", instantiate=True)
-    assert {"learning_rate", "crop_size", *method.weights} <= set(options), options
+    assert {"learning_rate", "crop_size", "iterations_per_epoch", *method.weights} <= set(options), options
     assert all(isinstance(v, (int, float, str, bool)) for v in options.values())  # what a client can show and edit
 
 
@@ -30,7 +30,8 @@ def options_reach_training(root, dataset, **chosen) -> dict:
     with in_bundle(bundle):
         probe = workflow(bundle, ["train.json"], "train", run_id="training", initialize=False)
         options = {**probe.parser.get_parsed_content("displayable_configs", instantiate=True), **chosen}
-        overrides = {key: value for key, value in small_run(SEMSIM).items() if key != "roi_size"}
+        chosen_ids = ("roi_size", "iterations_per_epoch")  # set through the options, not replaced
+        overrides = {key: value for key, value in small_run(SEMSIM).items() if key not in chosen_ids}
         # MONAI Label sets the trainer's max_epochs, not the bundle's max_epochs (default 300)
         flow = workflow(bundle, ["train.json"], "train", run_id="training", bundle_root=str(root),
                         dataset_dir=str(dataset), displayable_configs=options,
@@ -48,15 +49,23 @@ def options_reach_training(root, dataset, **chosen) -> dict:
 
 def test_client_options_reach_bundle_training(semi_dataset, tmp_path):
     used = options_reach_training(tmp_path / "on", semi_dataset, learning_rate=0.0005, crop_size="32",
-                                  cross_weight=0.0)
+                                  iterations_per_epoch="2", cross_weight=0.0)
     assert used["lr"] == pytest.approx(0.0005) and used["roi_size"] == [32, 32, 32]
-    assert used["lr_iterations"] == used["one_epoch"]  # the schedule spans the 1 epoch MONAI Label asked for
+    assert used["one_epoch"] == 2 and used["lr_iterations"] == 2  # the schedule spans the 1 epoch MONAI Label asked for
     assert "learning_rate 0.0005" in used["logged"] and "cross_weight 0.0" in used["logged"]
     assert used["logged"].endswith("max_epochs 1, crop [32, 32, 32]")
     assert "train_unlabeled" in used["metrics"] and "train_intra" in used["metrics"]
     assert "train_cross" not in used["metrics"]  # the client's weight 0 switches the term off
     off = options_reach_training(tmp_path / "off", semi_dataset, crop_size="32,32,32", unlabeled_pool=False)
     assert not any(name in off["metrics"] for name in ("train_unlabeled", "train_intra", "train_cross"))
+
+
+def test_iterations_per_epoch_option():
+    assert settings.iterations_per_epoch("", 50) == 50 and settings.iterations_per_epoch(None, 250) == 250
+    assert settings.iterations_per_epoch("20", 50) == 20 and settings.iterations_per_epoch(" 0 ", 50) == 0
+    for bad in ("-1", "ten", "2.5"):
+        with pytest.raises(ValueError, match="iterations_per_epoch"):
+            settings.iterations_per_epoch(bad, 50)
 
 
 def test_crop_size_option():

@@ -183,6 +183,23 @@ def crop_size(text: str | int | None, planned: Sequence[int]) -> list[int]:
     return sizes
 
 
+def iterations_per_epoch(text: str | int | None, planned: int) -> int:
+    """The iterations per epoch from a client's option (MONAI Label's ``displayable_configs#iterations_per_epoch``):
+    "" (default) keeps the plan's ``planned``; a whole number >= 0 replaces it (0: one pass over the cases)."""
+    if text in ("", None):
+        return int(planned)
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(
+            f"iterations_per_epoch {text!r} is not a whole number >= 0: give e.g. '250', '0' for one pass over the "
+            f"cases, or '' for the plan's {planned}"
+        )
+    return value
+
+
 def log_training_options(options: Mapping[str, Any], max_epochs: int, roi_size: Sequence[int]) -> str:
     """Log, before training, the options a MONAI Label client sees and sets (``displayable_configs``) with the values
     this run trains with, and the epochs and crop they lead to; returns the logged line. It is how a ``/train``
