@@ -304,11 +304,10 @@ def check_train(server: Server, bundle: str, model: Path, options: dict) -> str:
     return logged
 
 
-def check_prerequisite_stage(method: Method, bundle: Path, logged: list[str], teacher_digest: str | None) -> None:
+def check_prerequisite_stage(method: Method, teacher: Path, logged: list[str], teacher_digest: str | None) -> None:
     """The first ``/train`` of a method with a prerequisite stage trained it, with its progress (the stage's
-    iterations) logged between the announcement and the end, and wrote its file (``teacher_digest``: its digest after
-    round 1); the second left that file alone."""
-    teacher = bundle / method.stage1.writes
+    iterations) logged between the announcement and the end, and wrote its file ``teacher`` (``teacher_digest``: its
+    digest after round 1); the second left that file alone."""
     first, second = logged
     started, done = first.find("stage 1 of 2"), first.find("stage 1 done")
     if started < 0 or done < started or not re.search(r"Epoch: \d+/\d+, Iter: \d+/\d+", first[started:done]):
@@ -363,7 +362,7 @@ def run_checks(work: Path, data_cache: str | None, timings: dict[str, float]) ->
                 if round_ == 1 and stage1_file is not None and stage1_file.is_file():
                     stage1_digest = sha256(stage1_file)
             if stage1_file is not None:
-                check_prerequisite_stage(method, stage1_file.parents[1], logged, stage1_digest)
+                check_prerequisite_stage(method, stage1_file, logged, stage1_digest)
             if method.needs_unlabeled:
                 check_unlabeled_pool(method, logged, studies)
             with timed(f"{bundle.name} /infer with the trained model", timings):

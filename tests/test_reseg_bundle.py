@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
