@@ -26,18 +26,18 @@ PASS = re.compile(r"train_(?P<term>unlabeled|intra|cross)_pass_(?P<cls>\d+)$")
 GRADIENT = re.compile(r"train_grad_(?P<term>\w+)$")
 
 
-def read_epoch_metrics(lines: Iterable[str]) -> dict[int, dict[str, float]]:
-    """``{epoch: {metric: value}}`` of the training metrics (``train_*``) in a bundle's log; a later line of the same
-    epoch (a resumed run) replaces the earlier values."""
+def read_epoch_metrics(lines: Iterable[str], prefix: str = "train_") -> dict[int, dict[str, float]]:
+    """``{epoch: {metric: value}}`` of the metrics named ``prefix*`` (training: ``train_``, validation: ``val_``) in a
+    bundle's log; a later line of the same epoch (a resumed run) replaces the earlier values."""
     epochs: dict[int, dict[str, float]] = {}
     for line in lines:
         found = EPOCH_METRICS.search(line.rstrip())
         if found is None:
             continue
         metrics = {m["name"]: float(m["value"]) for m in METRIC.finditer(found["metrics"])}
-        train = {name: value for name, value in metrics.items() if name.startswith("train_")}
-        if train:
-            epochs.setdefault(int(found["epoch"]), {}).update(train)
+        chosen = {name: value for name, value in metrics.items() if name.startswith(prefix)}
+        if chosen:
+            epochs.setdefault(int(found["epoch"]), {}).update(chosen)
     return epochs
 
 
