@@ -161,9 +161,9 @@ def analyse(args: argparse.Namespace) -> dict:
                 continue
             differences = [scores[method_arm][s]["mean"] - scores[base_arm][s]["mean"] for s in seeds]
             interval = paired_stats.bootstrap_interval(differences)
-            comparisons[f"{method_arm}-{base_arm}"] = {"seeds": seeds, "differences": differences,
-                                                      "mean": interval.mean, "low": interval.low,
-                                                      "high": interval.high, "verdict": paired_stats.verdict(interval)}
+            comparisons[f"{method_arm}-{base_arm}"] = {
+                "seeds": seeds, "differences": differences, "mean": interval.mean, "low": interval.low,
+                "high": interval.high, "verdict": paired_stats.verdict(interval)}
         curves = {f"{arm}_{seed}": validation_curve(run_dir(args.out, labeled, arm, seed))
                   for arm in ("supervised", PLATEAU_ARM) for seed in args.seeds
                   if (run_dir(args.out, labeled, arm, seed) / "train.log").is_file()}
