@@ -1,6 +1,7 @@
 """The plan step (settings from the data, ``configs/plan.json``) and the settings that travel with the model
-(``models/model_settings.json``, read by ``evaluate.json`` and ``inference.json``), in process on tiny data and on
-the real ``brain`` task (ITK head + MNI T1 for training, the ROBEX head with its noisy background held out)."""
+(``models/model_settings.json``, read by ``evaluate.json`` and ``inference.json``), in process on tiny data, on
+the real ``brain`` task (ITK head + MNI T1 for training, the ROBEX head with its noisy background held out) and on
+the real ``tissue`` slabs (MR normalisation across fields of view)."""
 
 from __future__ import annotations
 
@@ -111,6 +112,46 @@ def test_mr_normalisation_holds_on_a_noisy_background(brain_dataset, tmp_path):
     assert min(abs(old["robex_head.nii.gz"] - old[n]) for n in medians) > 1.0, old
 
 
+@pytest.fixture(scope="module")
+def tissue_dataset(make_dataset_module, tmp_path_factory) -> Path:
+    info = make_dataset_module.make_dataset("tissue", tmp_path_factory.mktemp("data") / "tissue")
+    if info.source != "real":
+        pytest.skip(f"the real MNI slabs could not be fetched: {info.description}")
+    return info.path
+
+
+def test_mr_normalisation_holds_whatever_share_of_the_view_the_head_fills(tissue_dataset, tmp_path):
+    """The four MNI tissue slabs (the head fills 10-39 % of each) through the bundle's own training preprocessing
+    at the planned spacing: grey and white matter land within 0.7 of each other's value on every slab, and stay
+    apart. Z-scored over the whole image (0.4.0) grey matter moved by 1.9 between slabs, more than its distance to
+    white matter."""
+    plan = run_plan(tissue_dataset, tmp_path, device="cpu")
+    assert plan["settings"]["intensity"]["zscore_over"] == "foreground"
+    content = json.loads((tissue_dataset / "dataset.json").read_text())
+    cases = [*content["training"], *content["validation"], *content["test"]]
+    with in_bundle(BUNDLE):
+        flow = workflow(BUNDLE, ["train.json"], None, bundle_root=str(tmp_path), dataset_dir=str(tissue_dataset),
+                        initialize=False)
+        flow.initialize()
+        preprocess = flow.parser.get_parsed_content("validate#preprocessing")
+        means = []
+        for case in cases:
+            item = preprocess({k: str(tissue_dataset / v) for k, v in case.items()})
+            image, label = item["image"].numpy()[0], item["label"].numpy()[0]
+            means.append([float(image[label == c].mean()) for c in (1, 2)])
+    grey, white = np.array(means).T
+    assert len(means) == 4 and np.ptp(grey) < 0.7 and np.ptp(white) < 0.7, means
+    assert white.min() - grey.max() > 0.2, means  # the tissues stay apart on every slab
+
+    whole = []
+    for case in cases:
+        image = np.asarray(nib.load(tissue_dataset / case["image"]).dataobj, dtype=np.float32)
+        label = np.asarray(nib.load(tissue_dataset / case["label"]).dataobj)
+        image = np.clip(image, *np.percentile(image, [0.5, 99.5]))
+        whole.append(float(((image - image.mean()) / image.std())[label == 1].mean()))
+    assert np.ptp(whole) > 1.5, whole
+
+
 def _tiny_dataset(folder: Path, shapes: list, spacings: list, modality: dict | None = None) -> Path:
     folder.mkdir(parents=True)
     (folder / "imagesTr").mkdir()
@@ -197,3 +238,13 @@ def test_train_then_infer_with_only_the_data_and_output_folders(two_class_datase
         assert flow.parser.get_parsed_content("classes") == ["background", "class 1"]
         assert flow.parser.get_parsed_content("spacing") == recorded["spacing"]
         flow.run()
+
+    # MR z-scored over the head (0.5.0); a model recorded before records no region and keeps the whole-image z-score
+    assert recorded["intensity"]["zscore_over"] == "foreground"
+    for intensity, region in ((recorded["intensity"], "foreground"),
+                              ({"percentiles": recorded["intensity"]["percentiles"]}, "image")):
+        (root / "models/model_settings.json").write_text(json.dumps({**recorded, "intensity": intensity}))
+        with in_bundle(BUNDLE):
+            flow = workflow(BUNDLE, ["inference.json"], None, bundle_root=str(root),
+                            dataset_dir=str(two_class_dataset), output_dir=str(tmp_path / "pred3"))
+            assert flow.parser.get_parsed_content("intensity_transform#mr#transforms#1").over == region
