@@ -25,10 +25,12 @@ The settings (:func:`make_settings`), every choice with its reason in the plan's
   ``CPU_STEP_VOXELS`` per step; CUDA, 2 x 2.
 - ``intensity_norm``, ``intensity``: CT is clipped at the foreground's 0.5 and 99.5 percentiles and z-scored with
   the foreground's mean and standard deviation (nnU-Net's CT scheme; ``intensity``: ``clip``, ``mean``, ``std``).
-  MR is clipped at each image's own 0.5 and 99.5 percentiles and z-scored over the whole image
-  (``intensity``: ``percentiles``). Not over non-zero voxels only: where the background is noise rather than zero
-  (the ROBEX head) that puts the brain at about 1.6 instead of the training heads' 0.1-0.2 and nnU-Net's
-  non-zero-region normalisation fails there; over the whole image the brain lands at 1.6-2.0 on all three heads.
+  MR is clipped at each image's own 0.5 and 99.5 percentiles and z-scored with the mean and standard deviation of
+  the voxels above the image's Otsu threshold (``intensity``: ``percentiles``, ``zscore_over`` "foreground";
+  ``scripts/intensity.py``). Not over non-zero voxels only: where the background is noise rather than zero (the
+  ROBEX head) that puts the brain at about 1.6 instead of the training heads' 0.1-0.2 and nnU-Net's non-zero-region
+  normalisation fails there. Not over the whole image (0.4.0): that ties a tissue's value to the share of the field
+  of view the head fills (grey matter at z = 1.0-2.9 on the four MNI tissue slabs).
 - ``iterations_per_epoch``, ``sw_batch_size``, ``sw_overlap``: 250 iterations (nnU-Net) on CUDA, 50 on CPU;
   sliding windows of the crop size, 4 at a time with 0.5 overlap on CUDA, 2 with 0.25 on CPU.
 - ``init_filters``: SegResNet's first-level width (``backbones#segresnet#init_filters``), 16 on CUDA as in the
@@ -365,10 +367,11 @@ def make_settings(fp: Mapping, backbone: str = "segresnet") -> tuple[dict, dict]
         intensity = {"clip": [fg["p00_5"], fg["p99_5"]], "mean": fg["mean"], "std": max(fg["std"], 1e-6)}
         why["intensity_norm"] = "CT: clipped at the foreground's 0.5/99.5 percentiles, z-scored with its mean and std"
     else:
-        intensity = {"percentiles": list(MR_PERCENTILES)}
+        intensity = {"percentiles": list(MR_PERCENTILES), "zscore_over": "foreground"}
         why["intensity_norm"] = (
-            "MR: clipped at each image's own 0.5/99.5 percentiles and z-scored over the whole "
-            "image, which holds up where the background is noise rather than zero"
+            "MR: clipped at each image's own 0.5/99.5 percentiles and z-scored over the voxels above its Otsu "
+            "threshold, which holds up where the background is noise rather than zero and whatever share of the "
+            "field of view the head fills"
         )
     settings = {
         "spatial_dims": fp["spatial_dims"],

@@ -108,7 +108,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 # The intensity parameters each normalisation uses (the others are carried along unused).
-INTENSITY_KEYS = {"mr": ("percentiles",), "ct": ("clip", "mean", "std")}
+INTENSITY_KEYS = {"mr": ("percentiles", "zscore_over"), "ct": ("clip", "mean", "std")}
 
 
 def _relevant_intensity(settings: dict) -> dict:
