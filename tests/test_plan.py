@@ -32,12 +32,17 @@ def run_plan(dataset: Path, root: Path, **overrides) -> dict:
     return json.loads((root / "models/plan.json").read_text())
 
 
+def real_dataset(make_dataset_module, tmp_path_factory, task: str) -> Path:
+    """The real-MRI ``task`` of make_dataset.py; the test is skipped where its volumes cannot be fetched."""
+    info = make_dataset_module.make_dataset(task, tmp_path_factory.mktemp("data") / task)
+    if info.source != "real":
+        pytest.skip(f"the real {task} volumes could not be fetched: {info.description}")
+    return info.path
+
+
 @pytest.fixture(scope="module")
 def brain_dataset(make_dataset_module, tmp_path_factory) -> Path:
-    info = make_dataset_module.make_dataset("brain", tmp_path_factory.mktemp("data") / "brain")
-    if info.source != "real":
-        pytest.skip(f"the real brain heads could not be fetched: {info.description}")
-    return info.path
+    return real_dataset(make_dataset_module, tmp_path_factory, "brain")
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +119,7 @@ def test_mr_normalisation_holds_on_a_noisy_background(brain_dataset, tmp_path):
 
 @pytest.fixture(scope="module")
 def tissue_dataset(make_dataset_module, tmp_path_factory) -> Path:
-    info = make_dataset_module.make_dataset("tissue", tmp_path_factory.mktemp("data") / "tissue")
-    if info.source != "real":
-        pytest.skip(f"the real MNI slabs could not be fetched: {info.description}")
-    return info.path
+    return real_dataset(make_dataset_module, tmp_path_factory, "tissue")
 
 
 def test_mr_normalisation_holds_whatever_share_of_the_view_the_head_fills(tissue_dataset, tmp_path):
