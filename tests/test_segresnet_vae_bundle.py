@@ -22,7 +22,7 @@ def test_paper_settings_are_one_override_away(synthetic_dataset, tmp_path):
     assert 24.7e6 < sum(p.numel() for p in net.parameters()) < 24.9e6
 
 
-@pytest.mark.parametrize("norm, expected", [("mr", "NormalizeIntensityd"), ("ct", "ScaleIntensityRanged")])
+@pytest.mark.parametrize("norm, expected", [("mr", "ForegroundZScored"), ("ct", "ScaleIntensityRanged")])
 def test_preprocessing_settings_reach_the_transforms(synthetic_dataset, tmp_path, norm, expected):
     with in_bundle(VAE_BUNDLE):
         flow = workflow(VAE_BUNDLE, ["train.json"], "train", bundle_root=str(tmp_path),
