@@ -41,6 +41,7 @@ matplotlib.use("Agg")  # no display on CI machines and servers
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
 
+import accuracy_study  # noqa: E402
 import make_dataset  # noqa: E402
 import method_registry  # noqa: E402
 import paired_stats  # noqa: E402
@@ -123,7 +124,7 @@ def train_all(args: argparse.Namespace) -> None:
             info = make_dataset.make_dataset(args.task, data, labeled=labeled)
             print(f"K={labeled}: {info.description}", flush=True)
     runs = planned_runs(args)
-    threads = max(1, (os.cpu_count() or 1) // args.parallel)
+    threads = accuracy_study.default_threads(args.parallel)
     print(f"{len(runs)} runs, {args.parallel} at once with {threads} thread(s) each", flush=True)
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
         futures = {pool.submit(train_one, args, *run, threads): run for run in runs}
