@@ -54,8 +54,8 @@ VAL_INTERVAL = 4  # whole-slab validation costs about half an epoch; models/mode
 # An epoch is one pass over the training slabs, as tuned above (the bundles' default is a fixed 250 iterations).
 ITERATIONS_PER_EPOCH = 0  # 0: one pass over the data per epoch
 # Flips only: the held-out slab is the same brain as the training slabs, so the recipe's augmentation for
-# generalising across subjects does not help here: measured 0.846 mean Dice in 335 s with flips only, 0.827 in 405 s
-# with all of it on (2 idle cores; 0.869 in about 6.5 min before the recipe and plan of version 0.2.0).
+# generalising across subjects does not help here: version 0.2.0 measured 0.846 mean Dice in 335 s with flips only,
+# 0.827 in 405 s with all of it on; 0.5.0 0.849 in 356 s (2 idle cores; 0.869 in 6.4 min in 0.1.0).
 AUGMENTATION = {name: name == "flips" for name in ("rotation", "scaling", "elastic", "flips", "noise", "bias_field",
                                                     "brightness", "contrast", "low_resolution", "gamma")}
 NUM_WORKERS = 0  # the data are cached in memory; worker processes would only compete for the two cores
