@@ -136,6 +136,8 @@ def test_killed_training_restarts_from_its_last_complete_checkpoint(killed_run, 
     assert iterations == list(range(4 * epoch + 1, 4 * epoch + 5))
     assert torch.load(models / f"checkpoint_epoch={epoch + 1}.pt", weights_only=True)["trainer"]["iteration"] == \
         4 * epoch + 4
+    # the checkpoint resumed from, and epoch 1's if the kill left it, went once the new one was complete
+    assert [p.name for p in models.glob("checkpoint_epoch=*.pt")] == [f"checkpoint_epoch={epoch + 1}.pt"]
     # the best metric came back with the checkpoint: model.pt is replaced only by a better model
     validator = flow.parser.get_parsed_content("validate#evaluator")
     latest = validator.state.metrics["val_mean_dice"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine
-from ignite.handlers import DiskSaver
+from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from .safe_io import replacing
@@ -61,6 +61,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
     best key-metric record can be saved with the trainer's checkpoint (``state_dict``/``load_state_dict``), so
     that a resumed run replaces ``model.pt`` only with a better model and logs the best metric of the whole run.
     ``settings``: written to ``model_settings.json`` beside every key-metric checkpoint (``model.pt``).
+    ``resumed_from``: the interval checkpoint this run resumed from (``checkpoint_epoch=N.pt``), or None. A new
+    saver's list of files to replace starts empty, so without it the resumed file, and any older one a crash left
+    beside it, would stay forever; with it they count against ``n_saved`` and go once a newer one is written.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
         final_filename: str | None = None,
         key_metric_filename: str | None = None,
         settings: dict | None = None,
+        resumed_from: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(
@@ -86,6 +90,18 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 key_metric = checkpoint is self._key_metric_checkpoint
                 checkpoint.save_handler = AtomicDiskSaver(save_dir, filename, settings if key_metric else None)
         self._engine: Engine | None = None
+        if resumed_from is not None and self._interval_checkpoint is not None:
+            self._adopt(Path(resumed_from))
+
+    def _adopt(self, resumed: Path) -> None:
+        """Count ``resumed`` as the newest interval checkpoint saved so far; older ones of the same name pattern
+        (``<prefix>=<epoch>.pt``) are removed with the next save, after the new file is complete."""
+        prefix = resumed.name.rsplit("=", 1)[0]
+        checkpoint = self._interval_checkpoint
+        checkpoint._saved.append(Checkpoint.Item(checkpoint_number(resumed), resumed.name))
+        for stale in resumed.parent.glob(f"{prefix}=*.pt"):
+            if checkpoint_number(stale) < checkpoint_number(resumed):
+                checkpoint.save_handler.remove(stale.name)
 
     def attach(self, engine: Engine) -> None:
         super().attach(engine)
@@ -107,6 +123,11 @@ class AtomicCheckpointSaver(CheckpointSaver):
         if self._engine is not None:  # ranks > 0 of a multi-GPU run validate without this saver
             self._engine.state.best_metric = state_dict["best_metric"]
             self._engine.state.best_metric_epoch = state_dict["best_metric_epoch"]
+
+
+def checkpoint_number(path: Path) -> int:
+    """The epoch (or iteration) in an interval checkpoint's name: 3 for ``checkpoint_epoch=3.pt``."""
+    return int(re.findall(r"\d+", path.name)[-1])
 
 
 # How torch's weights-only unpickler refuses a reference to a Python class or function (not a damaged file).

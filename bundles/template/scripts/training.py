@@ -10,6 +10,7 @@ import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,8 @@ from monai.data.utils import affine_to_spacing
 from monai.engines import Evaluator
 from monai.handlers import IgniteMetricHandler, MeanDice, ValidationHandler, from_engine
 from monai.metrics import HausdorffDistanceMetric
+
+from .checkpoints import checkpoint_number
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +121,7 @@ def latest_checkpoint(ckpt_dir: str, pattern: str = "checkpoint_epoch=*.pt") -> 
     found = glob.glob(os.path.join(ckpt_dir, pattern))
     if not found:
         return None
-    return max(found, key=lambda p: int(re.findall(r"\d+", os.path.basename(p))[-1]))
+    return max(found, key=lambda p: checkpoint_number(Path(p)))
 
 
 class StopOnNonFinite:
