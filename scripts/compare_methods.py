@@ -123,7 +123,7 @@ held-out image without its label stops the comparison with the file named. Then 
 the data, every arm trains with the same plan, budget and seeds, and each held-out image is segmented by the bundle's
 `inference.json` and scored at its own resolution. The report has the same sections as this one: the baseline's Dice
 against `--target`; per arm, Dice and HD95 over seeds; the paired differences method − baseline for every seed and
-held-out case with a bootstrap 95 % interval (10000 resamples of the pairs, numpy seed 0) and the verdict: "no
+held-out case with a bootstrap 95 % interval (10000 resamples of seeds and cases, numpy seed 0) and the verdict: "no
 measurable effect" where the interval spans 0, else "better by X (95 % CI a to b)" or "worse by X (...)"; the cost
 ratios (`scripts/benchmark.py`, independent of the data). The report goes to `<out>/report/` (`--results`), the
 repository's README and `docs/results/` are left alone; `--out` keeps plans and runs, and a rerun resumes there.
@@ -381,7 +381,8 @@ def paired_cases(report: dict, task: str, arm: str, against: str) -> list[dict]:
 def paired_comparison(report: dict, task: str, arm: str, against: str) -> dict:
     """The paired differences of ``arm`` against ``against``, their bootstrap interval and the verdict."""
     pairs = paired_cases(report, task, arm, against)
-    interval = paired_stats.bootstrap_interval([p["difference"] for p in pairs])
+    interval = paired_stats.crossed_bootstrap_interval([p["difference"] for p in pairs], [p["seed"] for p in pairs],
+                                                       [p["case"] for p in pairs])
     return {"task": task, "arm": arm, "against": against, "pairs": pairs, "interval": vars(interval),
             "verdict": paired_stats.verdict(interval)}
 
@@ -576,8 +577,9 @@ def report_text(args: argparse.Namespace, studies: dict[str, dict], costs: dict[
         "## Accuracy (held-out mean Dice and HD95: mean ± std over seeds of the per-seed mean over cases)",
         "",
         "The difference column is the mean of the paired differences (method − baseline, per seed and held-out "
-        f"case) with a bootstrap {paired_stats.LEVEL:.0%} interval ({paired_stats.RESAMPLES} resamples of the "
-        f"pairs, numpy seed {paired_stats.SEED}); where the interval spans 0 it says "
+        f"case) with a bootstrap {paired_stats.LEVEL:.0%} interval ({paired_stats.RESAMPLES} resamples, numpy seed "
+        f"{paired_stats.SEED}, of the seeds and the held-out cases, each with replacement and independently: the "
+        "differences of one seed share a model and those of one case an image); where the interval spans 0 it says "
         f"\"{paired_stats.NO_EFFECT}\".".replace("%", " %"),
         "",
         *accuracy_study.table(["method", "task", "arm", "Dice", "Dice − baseline (paired, 95 % CI)", "HD95 (mm)",

@@ -1,10 +1,12 @@
 """Paired differences between two arms trained with the same seeds and scored on the same cases: their mean, a
 percentile-bootstrap interval, and the verdict the comparison report prints (``scripts/compare_methods.py``).
 
-The unit resampled is one paired difference (method − baseline for one seed and one held-out case), so the
-interval says how much the mean difference moves when the seeds and cases had come out otherwise. It does not
-model the clustering of cases within a seed; with one held-out case per task, as in the built-in tasks, each unit
-is one seed.
+:func:`bootstrap_interval` resamples the paired differences themselves: right when each is one seed (one held-out
+case per task, as in the built-in tasks and the 2-D SemSim study). :func:`crossed_bootstrap_interval` is for seeds
+crossed with several held-out cases: the differences of one seed share its trained model and those of one case
+share its anatomy, so resampling them one by one would treat correlated numbers as independent and give too
+narrow an interval. It resamples seeds and cases independently, each with replacement, and takes the mean over the
+drawn seed x case grid (the two-way bootstrap for crossed random effects; with one case it resamples seeds only).
 """
 
 from __future__ import annotations
@@ -53,13 +55,46 @@ def bootstrap_interval(differences: Sequence[float], resamples: int = RESAMPLES,
     return Interval(float(values.mean()), float(low), float(high), int(values.size), level)
 
 
+def crossed_bootstrap_interval(differences: Sequence[float], seeds: Sequence[object], cases: Sequence[object],
+                               resamples: int = RESAMPLES, level: float = LEVEL, seed: int = SEED) -> Interval:
+    """Percentile bootstrap of the mean paired difference over seeds crossed with cases: ``differences[k]`` is the
+    difference of seed ``seeds[k]`` on case ``cases[k]``. Each resample draws the seeds with replacement and the
+    cases with replacement, independently, and averages the differences of every drawn (seed, case) pair present
+    (a drawn seed or case counts as often as it was drawn; a missing pair is left out). ``n`` is the number of
+    seeds: the independent trainings behind the interval."""
+    values = np.asarray(differences, dtype=float)
+    if values.ndim != 1 or values.size == 0 or not len(values) == len(seeds) == len(cases):
+        raise ValueError(f"need as many seeds ({len(seeds)}) and cases ({len(cases)}) as paired differences "
+                         f"({values.size}), at least one")
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"paired differences must be finite, got {values.tolist()}")
+    if len(set(zip(seeds, cases))) != values.size:
+        raise ValueError("a (seed, case) pair occurs twice: each needs exactly one paired difference")
+    if not 0 < level < 1 or resamples < 1:
+        raise ValueError(f"level must be in (0, 1) and resamples >= 1, got {level} and {resamples}")
+    seed_ids, case_ids = (list(dict.fromkeys(labels)) for labels in (seeds, cases))
+    grid, present = np.zeros((len(seed_ids), len(case_ids))), np.zeros((len(seed_ids), len(case_ids)))
+    for value, s, c in zip(values, seeds, cases):
+        grid[seed_ids.index(s), case_ids.index(c)] = value
+        present[seed_ids.index(s), case_ids.index(c)] = 1.0
+    rng = np.random.default_rng(seed)
+    seed_counts = rng.multinomial(len(seed_ids), np.full(len(seed_ids), 1 / len(seed_ids)), size=resamples)
+    case_counts = rng.multinomial(len(case_ids), np.full(len(case_ids), 1 / len(case_ids)), size=resamples)
+    total = np.einsum("rs,sc,rc->r", seed_counts, grid, case_counts)
+    weight = np.einsum("rs,sc,rc->r", seed_counts, present, case_counts)
+    means = total[weight > 0] / weight[weight > 0]  # a draw of only missing pairs has no mean
+    tail = (1 - level) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return Interval(float(values.mean()), float(low), float(high), len(seed_ids), level)
+
+
 def verdict(interval: Interval, places: int = 3) -> str:
     """``"no measurable effect (...)"`` where the interval spans 0, else ``"better by X (95 % CI a to b)"`` or
     ``"worse by X (...)"``, X the absolute mean difference. One difference has no spread to resample: it is
-    reported as too few to tell."""
+    reported as too few to tell, as is one seed (``n`` of a crossed interval)."""
     ci = f"{interval.level:.0%} CI {interval.low:+.{places}f} to {interval.high:+.{places}f}".replace("%", " %")
     if interval.n < 2:
-        return f"{NO_EFFECT} (one paired difference, {interval.mean:+.{places}f}: too few for an interval)"
+        return f"{NO_EFFECT} (one paired difference or seed, {interval.mean:+.{places}f}: too few for an interval)"
     if interval.spans_zero:
         return f"{NO_EFFECT} (mean {interval.mean:+.{places}f}, {ci})"
     direction = "better" if interval.low > 0 else "worse"

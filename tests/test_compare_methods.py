@@ -10,6 +10,7 @@ import re
 import shutil
 
 import nibabel as nib
+import numpy as np
 import pytest
 from helpers import REPO, load_module
 
@@ -119,6 +120,25 @@ def test_paired_verdicts(paired_stats):
     assert paired_stats.bootstrap_interval([0.05, 0.07, 0.06, 0.08, 0.04]) == positive  # fixed generator
     with pytest.raises(ValueError, match="finite"):
         paired_stats.bootstrap_interval([0.1, float("nan")])
+
+
+def test_crossed_interval_resamples_seeds_and_cases(paired_stats):
+    seeds, cases = [s for s in range(5) for _ in range(4)], [c for _ in range(5) for c in "abcd"]
+    # every seed gains on case "a" only: an effect of one image, not of the method
+    one_image = [0.2 + 0.01 * s if c == "a" else 0.01 * (s - 2) for s, c in zip(seeds, cases)]
+    naive = paired_stats.bootstrap_interval(one_image)
+    crossed = paired_stats.crossed_bootstrap_interval(one_image, seeds, cases)
+    assert naive.low > 0 and crossed.spans_zero and crossed.mean == pytest.approx(naive.mean)
+    assert crossed.n == 5 and paired_stats.verdict(crossed).startswith("no measurable effect")
+    # one held-out case: the seeds are the units; a consistent gain is measurable
+    gains = [0.05, 0.07, 0.06, 0.08, 0.04]
+    single = paired_stats.crossed_bootstrap_interval(gains, range(5), ["head"] * 5)
+    assert single.low > 0 and single.mean == pytest.approx(0.06)
+    # a missing (seed, case) pair is left out of the means; a repeated one is refused
+    partial = paired_stats.crossed_bootstrap_interval(one_image[:-1], seeds[:-1], cases[:-1])
+    assert partial.mean == pytest.approx(np.mean(one_image[:-1]))
+    with pytest.raises(ValueError, match="occurs twice"):
+        paired_stats.crossed_bootstrap_interval([0.1, 0.2], [0, 0], ["a", "a"])
 
 
 def test_validation_curve_reads_the_logged_epochs(compare, tmp_path):
