@@ -717,8 +717,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     runs_wall_s = time.perf_counter() - runs_start
     earlier = args.results / "summary.json"
     if ran_none and earlier.is_file():
-        # Only the report is rewritten: the wall time of the invocation that ran the runs is what they cost.
-        runs_wall_s = json.loads(earlier.read_text()).get("runs_wall_s", runs_wall_s)
+        # Only the report is rewritten: the wall time and the machine's load of the invocation that ran the runs
+        # are what they cost and what they ran beside.
+        previous = json.loads(earlier.read_text())
+        runs_wall_s = previous.get("runs_wall_s", runs_wall_s)
+        machine = next((r["machine"] for r in previous.get("accuracy", {}).values() if "machine" in r), machine)
     studies = {m.name: build_study(m, args, datasets, plans, jobs, records, machine) for m in args.methods}
     costs = {m.name: cost_summary(m, run_benchmark(m, args)) for m in args.methods}
 
