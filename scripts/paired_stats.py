@@ -37,10 +37,9 @@ class Interval:
         return self.low <= 0 <= self.high
 
 
-def bootstrap_interval(differences: Sequence[float], resamples: int = RESAMPLES, level: float = LEVEL,
-                       seed: int = SEED) -> Interval:
-    """Percentile bootstrap of the mean of ``differences``: ``resamples`` draws of as many differences with
-    replacement, from ``numpy.random.default_rng(seed)``, so the same input always gives the same interval."""
+def _checked(differences: Sequence[float], resamples: int, level: float) -> np.ndarray:
+    """``differences`` as a flat float array, refused when empty, not finite, or with a level or resample count
+    no interval can have."""
     values = np.asarray(differences, dtype=float)
     if values.ndim != 1 or values.size == 0:
         raise ValueError(f"need a flat, non-empty list of paired differences, got shape {values.shape}")
@@ -48,11 +47,24 @@ def bootstrap_interval(differences: Sequence[float], resamples: int = RESAMPLES,
         raise ValueError(f"paired differences must be finite, got {values.tolist()}")
     if not 0 < level < 1 or resamples < 1:
         raise ValueError(f"level must be in (0, 1) and resamples >= 1, got {level} and {resamples}")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
+    return values
+
+
+def _percentile_interval(values: np.ndarray, means: np.ndarray, n: int, level: float) -> Interval:
+    """The mean of ``values`` with the central ``level`` share of the resampled ``means`` around it."""
     tail = (1 - level) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
-    return Interval(float(values.mean()), float(low), float(high), int(values.size), level)
+    return Interval(float(values.mean()), float(low), float(high), n, level)
+
+
+def bootstrap_interval(differences: Sequence[float], resamples: int = RESAMPLES, level: float = LEVEL,
+                       seed: int = SEED) -> Interval:
+    """Percentile bootstrap of the mean of ``differences``: ``resamples`` draws of as many differences with
+    replacement, from ``numpy.random.default_rng(seed)``, so the same input always gives the same interval."""
+    values = _checked(differences, resamples, level)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
+    return _percentile_interval(values, means, int(values.size), level)
 
 
 def crossed_bootstrap_interval(differences: Sequence[float], seeds: Sequence[object], cases: Sequence[object],
@@ -62,30 +74,25 @@ def crossed_bootstrap_interval(differences: Sequence[float], seeds: Sequence[obj
     cases with replacement, independently, and averages the differences of every drawn (seed, case) pair present
     (a drawn seed or case counts as often as it was drawn; a missing pair is left out). ``n`` is the number of
     seeds: the independent trainings behind the interval."""
-    values = np.asarray(differences, dtype=float)
-    if values.ndim != 1 or values.size == 0 or not len(values) == len(seeds) == len(cases):
+    values = _checked(differences, resamples, level)
+    if not len(values) == len(seeds) == len(cases):
         raise ValueError(f"need as many seeds ({len(seeds)}) and cases ({len(cases)}) as paired differences "
-                         f"({values.size}), at least one")
-    if not np.all(np.isfinite(values)):
-        raise ValueError(f"paired differences must be finite, got {values.tolist()}")
+                         f"({values.size})")
     if len(set(zip(seeds, cases))) != values.size:
         raise ValueError("a (seed, case) pair occurs twice: each needs exactly one paired difference")
-    if not 0 < level < 1 or resamples < 1:
-        raise ValueError(f"level must be in (0, 1) and resamples >= 1, got {level} and {resamples}")
-    seed_ids, case_ids = (list(dict.fromkeys(labels)) for labels in (seeds, cases))
-    grid, present = np.zeros((len(seed_ids), len(case_ids))), np.zeros((len(seed_ids), len(case_ids)))
+    seed_row = {label: i for i, label in enumerate(dict.fromkeys(seeds))}
+    case_column = {label: j for j, label in enumerate(dict.fromkeys(cases))}
+    grid, present = np.zeros((len(seed_row), len(case_column))), np.zeros((len(seed_row), len(case_column)))
     for value, s, c in zip(values, seeds, cases):
-        grid[seed_ids.index(s), case_ids.index(c)] = value
-        present[seed_ids.index(s), case_ids.index(c)] = 1.0
+        grid[seed_row[s], case_column[c]] = value
+        present[seed_row[s], case_column[c]] = 1.0
     rng = np.random.default_rng(seed)
-    seed_counts = rng.multinomial(len(seed_ids), np.full(len(seed_ids), 1 / len(seed_ids)), size=resamples)
-    case_counts = rng.multinomial(len(case_ids), np.full(len(case_ids), 1 / len(case_ids)), size=resamples)
+    seed_counts = rng.multinomial(len(seed_row), np.full(len(seed_row), 1 / len(seed_row)), size=resamples)
+    case_counts = rng.multinomial(len(case_column), np.full(len(case_column), 1 / len(case_column)), size=resamples)
     total = np.einsum("rs,sc,rc->r", seed_counts, grid, case_counts)
     weight = np.einsum("rs,sc,rc->r", seed_counts, present, case_counts)
     means = total[weight > 0] / weight[weight > 0]  # a draw of only missing pairs has no mean
-    tail = (1 - level) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return Interval(float(values.mean()), float(low), float(high), len(seed_ids), level)
+    return _percentile_interval(values, means, len(seed_row), level)
 
 
 def verdict(interval: Interval, places: int = 3) -> str:
