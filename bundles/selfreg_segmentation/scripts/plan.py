@@ -37,7 +37,8 @@ The settings (:func:`make_settings`), every choice with its reason in the plan's
   model zoo, 8 on CPU, where it halves the cost of a step.
 
 The cache (:func:`cache_settings`, keys ``cache``, ``cache_rate``, ``cache_gb``): every labelled case at the planned
-spacing, padded to the crop, as float32 image channels and label, against half the host's available memory and
+spacing, padded to the crop, as float32 image channels and label (and, for a semi-supervised bundle, which caches
+its unlabelled images too, each of those as large as the mean labelled case's image), against half the host's available memory and
 most of the free disk under the cache folder: all in memory, else all on disk, else a fitted share in memory, else
 none (the cases are read from their files every epoch: slow, never killed for memory).
 
@@ -61,6 +62,7 @@ import numpy as np
 import torch
 from monai.data import load_decathlon_datalist
 
+from .data import semi_supervised_split
 from .memory import host_available_memory
 from .settings import plain, write_settings
 
@@ -412,17 +414,21 @@ def cache_settings(
     host_memory_gb: float | None = None,
     disk_free_gb: float | None = None,
     cache_dir: str = ".",
+    unlabeled_images: int = 0,
 ) -> tuple[dict, dict]:
     """How train.json caches the cases (``scripts/caching.py``): ``{"cache": "memory"|"disk"|"none",
     "cache_rate", "cache_gb"}`` and why. The size of every labelled case at the planned spacing and crop
     (:func:`_cached_bytes`; the datalist's ``validation`` cases at the mean size) against ``CACHE_MEMORY_SHARE``
     of the host's available memory (``host_memory_gb``, else measured now) and ``CACHE_DISK_SHARE`` of the free
     disk under ``cache_dir`` (``disk_free_gb``, else measured): all in memory; else all on disk; else the share
-    that fits in memory (a fitted ``cache_rate``); else no cache (every case read from its files every epoch)."""
+    that fits in memory (a fitted ``cache_rate``); else no cache (every case read from its files every epoch).
+    ``unlabeled_images`` a semi-supervised bundle caches at the same rate count as the mean case without its
+    label."""
     sizes = [_cached_bytes(c, settings["spacing"], settings["roi_size"], fp["channels"]) for c in fp["cases"]]
+    mean = sum(sizes) // len(sizes)
     # a datalist's own 'validation' cases are cached too, each taken as large as the mean training case
     extra = len(_read(fp["datalist"]).get("validation") or [])
-    sizes += [sum(sizes) // len(sizes)] * extra
+    sizes += [mean] * extra + [mean * fp["channels"] // (fp["channels"] + 1)] * unlabeled_images
     total = sum(sizes)
     memory = (host_memory_gb * 2**30 if host_memory_gb is not None else host_available_memory()) * CACHE_MEMORY_SHARE
     disk = (disk_free_gb * 2**30 if disk_free_gb is not None else _free_disk(cache_dir)) * CACHE_DISK_SHARE
@@ -458,10 +464,13 @@ def write_plan(
     host_memory_gb: float | None = None,
     disk_free_gb: float | None = None,
     cache_dir: str = ".",
+    unlabeled_dir: str | None = None,
 ) -> dict:
     """Fingerprint the dataset, choose the settings and the cache (:func:`cache_settings`: ``host_memory_gb``,
     ``disk_free_gb`` override what is measured) and write them to ``plan_file`` (atomically; refused inside the
-    dataset folder or the datalist's folder). Returns the plan."""
+    dataset folder or the datalist's folder). Returns the plan. ``unlabeled_dir``: a semi-supervised bundle's
+    folder of unlabelled images; its unlabelled images (``scripts.data.semi_supervised_split``) are cached beside
+    the labelled cases and counted in the cache's size (None: a supervised bundle, none cached)."""
     for folder in {dataset_dir, os.path.dirname(os.path.abspath(datalist))}:
         if _inside(plan_file, folder):
             raise PlanError(
@@ -470,7 +479,10 @@ def write_plan(
             )
     fp = fingerprint(datalist, dataset_dir, modality, device, device_memory_gb)
     settings, why = make_settings(fp, backbone)
-    cache, cache_why = cache_settings(fp, settings, host_memory_gb, disk_free_gb, cache_dir)
+    unlabeled = []
+    if unlabeled_dir is not None:
+        unlabeled = semi_supervised_split(datalist, dataset_dir, unlabeled_dir=unlabeled_dir)["unlabeled"]
+    cache, cache_why = cache_settings(fp, settings, host_memory_gb, disk_free_gb, cache_dir, len(unlabeled))
     settings.update(cache)
     why.update(cache_why)
     logger.info(f"plan: cache {cache['cache']}, cache_rate {cache['cache_rate']}: {cache_why['cache']}")
