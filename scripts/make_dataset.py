@@ -13,7 +13,8 @@ in dataset.json's ``training`` without a ``label`` key and no label file of thei
 unlabelled. Validation and test cases keep their labels. ``brain`` adds the one real head it has no mask for to
 the unlabelled pool: nipy's anatomical T1, written to ``imagesUnlabeled`` and listed under dataset.json's
 ``unlabeled`` key (a crop of the central brain, so nearly all of it is brain). In ``tissue2d`` the N labelled
-slices are spread evenly over the training slices (listed first, so they are "the first N"); the paper labels 1, 3 or 7 of ACDC's cases.
+slices are spread evenly over the training slices (listed first, so they are "the first N"); the paper labels 1,
+3 or 7 of ACDC's cases.
 
     python scripts/make_dataset.py --task tissue --out data/tissue
     python scripts/make_dataset.py --task tissue2d --labeled 3 --out data/tissue2d
