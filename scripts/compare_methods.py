@@ -512,13 +512,16 @@ def plan_lines(studies: dict[str, dict]) -> list[str]:
 
 
 def machine_line(studies: dict[str, dict]) -> str:
-    """The machine, and the range of its load while the runs were timed (other jobs may share the CPU)."""
+    """The machine, and the range of its load while the runs were timed (other jobs may share the CPU): at the
+    comparison's start and end and at each run's training and inference start and end."""
     machines = [r["machine"] for r in studies.values()]
     loads = [m[key] for m in machines for key in ("load_average_1min_at_start", "load_average_1min_at_end")]
+    sampled = [load for report in studies.values() for run in report["runs"] for load in run["load_average_1min"]]
     m = machines[0]
     device = f"CUDA {m['cuda_device']}" if m["cuda_device"] else "no GPU"
     return (f"{m['cpu']} ({m['cpu_cores']} cores), {device}, torch {m['torch']}; 1-min load average "
-            f"{min(loads):.1f}-{max(loads):.1f} while the runs were timed")
+            f"{min(loads + sampled):.1f}-{max(loads + sampled):.1f} while the runs were timed "
+            f"({len(loads + sampled)} samples: the comparison's start and end, each run's steps' starts and ends)")
 
 
 def run_minutes(studies: dict[str, dict]) -> float:
@@ -667,7 +670,8 @@ def build_study(method: Method, args: argparse.Namespace, datasets: dict, plans:
         "targets": {task: baseline_target(method, task, args) for task in tasks},
         "runs": [{"task": run.task, "arm": run.arm, "seed": run.seed, "bundle_root": str(run.root),
                   "overrides": run.overrides, "resumed": records[run]["resumed"], "train_s": records[run]["train_s"],
-                  "infer_s": records[run]["infer_s"], "cases": records[run]["cases"]} for run in runs],
+                  "infer_s": records[run]["infer_s"], "load_average_1min": records[run].get("load_average_1min", []),
+                  "cases": records[run]["cases"]} for run in runs],
         "aggregates": {task: {arm: accuracy_study.aggregate_arm(by_arm[task][arm], classes[task]) for arm in arms}
                        for task in tasks},
     })

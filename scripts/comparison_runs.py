@@ -215,13 +215,17 @@ def execute(method: Method, run: Run, dataset: dict, env: dict[str, str]) -> dic
     run.root.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     train = accuracy_study.bundle_command(method.training.configs, run, method.training.run_id)
+    # sampled at each step's start and end, so the report gives the load the runs' times were measured under
+    record["load_average_1min"] = [os.getloadavg()[0]]
     record["train_s"] = accuracy_study.run_step(train, method.bundle_dir, env, run.root / "train.log")
+    record["load_average_1min"].append(os.getloadavg()[0])
     predictions = run.root / "predictions"
     inference = dataclasses.replace(run, overrides={k: v for k, v in run.overrides.items() if k in INFERENCE_KEYS})
     images = repr([{"image": case["image"]} for case in dataset["test"]])
     command = accuracy_study.bundle_command(["configs/inference.json"], inference, output_dir=str(predictions),
                                             datalist=images)
     record["infer_s"] = accuracy_study.run_step(command, method.bundle_dir, env, run.root / "inference.log")
+    record["load_average_1min"].append(os.getloadavg()[0])
     cases = score_run(predictions, dataset["test"], dataset["classes"])
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     scores_path.write_text(json.dumps(accuracy_study.json_safe(cases), indent=2) + "\n")  # last: marks it done

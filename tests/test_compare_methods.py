@@ -47,6 +47,7 @@ def test_comparison_on_own_data_writes_the_paired_report_and_resumes(compare, sy
         record = json.loads((root / "study_run.json").read_text())
         assert record["overrides"]["plan_file"].endswith("plans/selfreg/synthetic/models/plan.json")
         assert record["overrides"]["roi_size"] == "[24,24,24]" != str(plan["settings"]["roi_size"])
+        assert len(record["load_average_1min"]) == 3 and min(record["load_average_1min"]) >= 0  # steps' ends
         [prediction] = (root / "predictions").rglob("*_seg.nii.gz")
         assert nib.load(prediction).shape == nib.load(next((synthetic_dataset / "labelsTs").glob("*"))).shape
 
@@ -76,6 +77,7 @@ def test_comparison_on_own_data_writes_the_paired_report_and_resumes(compare, sy
                                             or re.match(r"(better|worse) by \d\.\d{3} \(95 % CI ", paired["verdict"]))
     assert "95 % CI" in report and "`baseline` " in report and "target ≥ 0.50" in report
     assert "--dataset_dir" in report and "your data" in report
+    assert "while the runs were timed (14 samples" in report  # start, end and 3 per run
     for png in ("dice.png", "validation_curves.png", "overlay_selfreg_synthetic.png"):
         assert (results / png).read_bytes()[:8] == PNG_MAGIC and f"]({png})" in report
     top = readme.read_text()
