@@ -233,6 +233,19 @@ def test_train_and_inference_configs_agree(method: Method):
     assert set(method.backbones) <= set(train_config["backbones"])  # what the registry offers, the configs build
 
 
+@pytest.mark.parametrize("method", method_params())
+def test_the_network_width_is_the_plans(method: Method, tmp_path):
+    """SegResNet's ``init_filters`` come from the plan in every bundle (16 on CUDA, 8 on CPU), none pins its own."""
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps({"settings": {"init_filters": 12}}))
+    parser = ConfigParser()
+    parser.read_config(str(method.bundle_dir / "configs/train.json"))
+    parser.update({"bundle_root": str(tmp_path), "plan_file": str(plan_file), "dataset_dir": str(tmp_path / "none")})
+    with in_bundle(method.bundle_dir):
+        assert parser.get_parsed_content("backbones#segresnet#init_filters") == 12
+    assert "$@plan['init_filters']" == parser.get("backbones#segresnet#init_filters")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Pre-flight checks: the same under torchrun as in one process
 

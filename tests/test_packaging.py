@@ -174,7 +174,7 @@ def test_weights_from_a_training_output_folder(tmp_path, capsys):
     run = tmp_path / "run"
     (run / "models").mkdir(parents=True)
     # the plain network of the vae bundle's inference.json, as its training saves it
-    torch.save(SegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=3).state_dict(),
+    torch.save(SegResNet(spatial_dims=3, init_filters=16, in_channels=1, out_channels=3).state_dict(),
                run / "models/model.pt")
     assert package_bundle.main(["package", str(VAE_BUNDLE), "--out", str(tmp_path / "dist"),
                                 "--weights", str(run)]) == 0
@@ -283,7 +283,7 @@ def test_zoo_submission_zip_passes_verify_bundle_min(tmp_path, capsys, release_s
     run = tmp_path / "run"
     (run / "models").mkdir(parents=True)
     torch.manual_seed(0)  # seeded stand-in for trained weights of the vae bundle's inference network
-    torch.save(SegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=3).state_dict(),
+    torch.save(SegResNet(spatial_dims=3, init_filters=16, in_channels=1, out_channels=3).state_dict(),
                run / "models/model.pt")
     weights = (run / "models/model.pt").read_bytes()
     dist = tmp_path / "dist"

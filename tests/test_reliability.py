@@ -376,7 +376,7 @@ def test_inference_run_writes_once_and_never_touches_its_inputs(synthetic_datase
     from monai.networks.nets import SegResNet
 
     (tmp_path / "models").mkdir()
-    torch.save(SegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=3).state_dict(),
+    torch.save(SegResNet(spatial_dims=3, init_filters=16, in_channels=1, out_channels=3).state_dict(),
                tmp_path / "models/model.pt")
     inputs = synthetic_dataset / "imagesTs"
     before = {p.name: (p.stat().st_mtime_ns, digest(p)) for p in inputs.iterdir()}
