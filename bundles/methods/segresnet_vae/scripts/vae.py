@@ -55,12 +55,23 @@ class SegResNetVAE(nets.SegResNetVAE):
     DistributedDataParallel (without ``find_unused_parameters``) fails on a parameter that gets no gradient. A
     checkpoint of this network from before holds ``vae_fc2`` weights that were never trained; they are ignored.
 
+    ``settings``: the SegResNet arguments a trained model recorded (``models/model_settings.json``, which
+    evaluate.json passes as ``network_settings``), over the other arguments.
+
     ``vae_branch=False`` (the config sets it when both VAE weights are 0: the plain SegResNet baseline) keeps no VAE
     module at all, for the same reason: the training forward returns the logits alone, and the state dict is a
     SegResNet's.
     """
 
-    def __init__(self, input_image_size: Sequence[int], vae_branch: bool = True, **kwargs) -> None:
+    def __init__(
+        self,
+        input_image_size: Sequence[int],
+        vae_branch: bool = True,
+        settings: Mapping[str, Any] | None = None,
+        **kwargs,
+    ) -> None:
+        # a trained model's recorded SegResNet arguments (evaluate.json's network_settings) win over the config's
+        kwargs = {**kwargs, **(settings or {})}
         super().__init__(input_image_size=input_image_size, **kwargs)
         self._segresnet_kwargs = {k: v for k, v in kwargs.items() if not k.startswith("vae_")}
         self.vae_branch_enabled = vae_branch
