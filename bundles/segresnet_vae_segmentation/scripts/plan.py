@@ -37,9 +37,9 @@ The settings (:func:`make_settings`), every choice with its reason in the plan's
   model zoo, 8 on CPU, where it halves the cost of a step.
 
 The cache (:func:`cache_settings`, keys ``cache``, ``cache_rate``, ``cache_gb``): every labelled case at the planned
-spacing, padded to the crop, as float32 image channels and label (and, for a semi-supervised bundle, which caches
-its unlabelled images too, each of those as large as the mean labelled case's image), against half the host's available memory and
-most of the free disk under the cache folder: all in memory, else all on disk, else a fitted share in memory, else
+spacing, padded to the crop, as float32 image channels and label (a semi-supervised bundle caches its unlabelled
+images too: each counts as the mean labelled case's image), against half the host's available memory and most of
+the free disk under the cache folder: all in memory, else all on disk, else a fitted share in memory, else
 none (the cases are read from their files every epoch: slow, never killed for memory).
 
 The plan refuses, naming the file: mixed modalities (CT and MR channels), spacings that differ by more than 10x
@@ -422,8 +422,8 @@ def cache_settings(
     of the host's available memory (``host_memory_gb``, else measured now) and ``CACHE_DISK_SHARE`` of the free
     disk under ``cache_dir`` (``disk_free_gb``, else measured): all in memory; else all on disk; else the share
     that fits in memory (a fitted ``cache_rate``); else no cache (every case read from its files every epoch).
-    ``unlabeled_images`` a semi-supervised bundle caches at the same rate count as the mean case without its
-    label."""
+    ``unlabeled_images``: how many unlabelled images a semi-supervised bundle caches at the same rate; each counts
+    as the mean case without its label."""
     sizes = [_cached_bytes(c, settings["spacing"], settings["roi_size"], fp["channels"]) for c in fp["cases"]]
     mean = sum(sizes) // len(sizes)
     # a datalist's own 'validation' cases are cached too, each taken as large as the mean training case
