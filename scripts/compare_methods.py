@@ -516,12 +516,12 @@ def machine_line(studies: dict[str, dict]) -> str:
     comparison's start and end and at each run's training and inference start and end."""
     machines = [r["machine"] for r in studies.values()]
     loads = [m[key] for m in machines for key in ("load_average_1min_at_start", "load_average_1min_at_end")]
-    sampled = [load for report in studies.values() for run in report["runs"] for load in run["load_average_1min"]]
+    loads += [load for report in studies.values() for run in report["runs"] for load in run["load_average_1min"]]
     m = machines[0]
     device = f"CUDA {m['cuda_device']}" if m["cuda_device"] else "no GPU"
     return (f"{m['cpu']} ({m['cpu_cores']} cores), {device}, torch {m['torch']}; 1-min load average "
-            f"{min(loads + sampled):.1f}-{max(loads + sampled):.1f} while the runs were timed "
-            f"({len(loads + sampled)} samples: the comparison's start and end, each run's steps' starts and ends)")
+            f"{min(loads):.1f}-{max(loads):.1f} while the runs were timed "
+            f"({len(loads)} samples: the comparison's start and end, each run's steps' starts and ends)")
 
 
 def run_minutes(studies: dict[str, dict]) -> float:

@@ -356,9 +356,7 @@ def _write_dataset(out: Path, dataset: _Dataset, labeled: int | None = None) -> 
     }
     if dataset.unlabeled:
         (out / "imagesUnlabeled").mkdir()
-        meta["unlabeled"] = [{"image": f"./imagesUnlabeled/{case.name}.nii.gz"} for case in dataset.unlabeled]
-        for case, entry in zip(dataset.unlabeled, meta["unlabeled"]):
-            _save_nifti(case.image.astype(np.float32), case.affine, out / entry["image"])
+        meta["unlabeled"] = _write_cases(out, list(dataset.unlabeled), "Unlabeled", labeled=0)
     (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 

@@ -70,7 +70,6 @@ class SegResNetVAE(nets.SegResNetVAE):
         settings: Mapping[str, Any] | None = None,
         **kwargs,
     ) -> None:
-        # a trained model's recorded SegResNet arguments (evaluate.json's network_settings) win over the config's
         kwargs = {**kwargs, **(settings or {})}
         super().__init__(input_image_size=input_image_size, **kwargs)
         self._segresnet_kwargs = {k: v for k, v in kwargs.items() if not k.startswith("vae_")}
