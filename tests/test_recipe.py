@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import ALL_BUNDLES, BUNDLES, SELFREG_BUNDLE, SMALL_BACKBONES, TINY, in_bundle, overrides_from_cli, workflow
 from ignite.engine import Engine, Events
+from torch.utils.data import DistributedSampler, RandomSampler
 
 # Each augmentation switch and the MONAI transform it turns off (3D; in 2D elastic is Rand2DElasticd).
 AUGMENTATIONS = {
@@ -52,8 +53,9 @@ def test_every_bundle_trains_with_the_template_recipe():
 @pytest.mark.parametrize("num_cases, iterations, per_epoch", [(1, 3, 3), (4, 3, 3), (2, 0, 2)])
 def test_iterations_per_epoch_does_not_depend_on_the_number_of_cases(num_cases, iterations, per_epoch,
                                                                      synthetic_dataset, tmp_path):
-    """3 iterations per epoch from 1 case (the loader is iterated again) and from 4 (an epoch ends mid-pass); 0 is
-    one pass over the cases. No validation (interval 3 > 2 epochs) to keep the test short."""
+    """3 iterations per epoch from 1 case (3 passes over the cases) and from 4 (an epoch ends mid-pass); 0 is one
+    pass over the cases. Either way an epoch is one pass of the data loader (one iterator, so that its workers
+    prepare batches ahead). No validation (interval 3 > 2 epochs) to keep the test short."""
     with in_bundle(SELFREG_BUNDLE):
         flow = workflow(SELFREG_BUNDLE, ["train.json"], "train", **tiny(
             synthetic_dataset, tmp_path, iterations_per_epoch=iterations, max_epochs=2, num_samples=1, roi_size=[16, 16, 16],
@@ -62,14 +64,51 @@ def test_iterations_per_epoch_does_not_depend_on_the_number_of_cases(num_cases, 
         parser["train#dataset#data"] = parser.get_parsed_content("data_split")["training"][:num_cases]
         parser["validate#dataset#data"] = parser.get_parsed_content("data_split")["validation"][:1]
         trainer = parser.get_parsed_content("train#trainer")
-        assert len(trainer.data_loader) == num_cases
-        counts = []
+        assert len(trainer.data_loader) == per_epoch
+        counts, iterators = [], []
         trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: counts.append(e.state.iteration))
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: iterators.append(e._dataloader_iter))
         trainer.run()
     assert counts == [per_epoch, 2 * per_epoch]
+    assert all(i is iterators[0] for i in iterators[:per_epoch])
+    assert all(i is iterators[-1] for i in iterators[per_epoch:])
     # the polynomial schedule runs over all the iterations and ends at 0
     assert parser.get_parsed_content("lr_scheduler").total_iters == 2 * per_epoch
     assert parser.get_parsed_content("optimizer").param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_epoch_batches_are_the_passes_of_a_shuffling_loader(bundle_on_path):
+    """5 cases in batches of 2, 7 batches an epoch: passes of 3 batches (2, 2 and a shorter last one), each pass a
+    new order of all the cases; with drop_last the short batch is left out; 0 iterations is one pass."""
+    bundle_on_path(SELFREG_BUNDLE)
+    from scripts.sampling import EpochBatchSampler
+
+    torch.manual_seed(0)
+    batches = list(EpochBatchSampler(RandomSampler(range(5)), batch_size=2, iterations=7))
+    assert [len(b) for b in batches] == [2, 2, 1, 2, 2, 1, 2]
+    passes = [sum(batches[i : i + 3], []) for i in (0, 3)]
+    assert all(sorted(p) == list(range(5)) for p in passes) and passes[0] != passes[1]
+    dropped = EpochBatchSampler(RandomSampler(range(5)), batch_size=2, iterations=7, drop_last=True)
+    assert len(dropped) == 7 and [len(b) for b in dropped] == [2] * 7
+    one_pass = EpochBatchSampler(RandomSampler(range(5)), batch_size=2, iterations=0)
+    assert len(one_pass) == 3 and sorted(sum(list(one_pass), [])) == list(range(5))
+    with pytest.raises(ValueError, match="no batch of 4 from 3 case"):
+        EpochBatchSampler(RandomSampler(range(3)), batch_size=4, iterations=5, drop_last=True)
+
+
+def test_epoch_batches_set_the_distributed_epoch_of_each_pass(bundle_on_path):
+    """One process's shard (a DistributedSampler of 2 ranks): a new shuffle per pass, as set_epoch gives it."""
+    bundle_on_path(SELFREG_BUNDLE)
+    from scripts.sampling import EpochBatchSampler
+
+    shard = DistributedSampler(range(8), num_replicas=2, rank=1, shuffle=True, seed=0)
+    sampler = EpochBatchSampler(shard, batch_size=4, iterations=3)
+    batches = list(sampler)
+    assert sampler.passes == 3
+    for epoch, batch in enumerate(batches):
+        shard.set_epoch(epoch)
+        assert batch == list(shard)
+    assert batches[0] != batches[1]
 
 
 class _Clock:

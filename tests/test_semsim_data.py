@@ -238,7 +238,8 @@ def test_plan_counts_the_unlabeled_images_semsim_caches(tmp_path, semi_dataset, 
 def test_every_unlabeled_batch_has_two_crops_for_cutmix(tmp_path, semsim_imports, num_samples, unlabeled,
                                                         crops_per_batch):
     """CutMix needs two unlabeled crops per batch. One unlabeled volume cut into two crops is a full batch; with
-    one crop per volume a last batch of a single volume is dropped (3 volumes, batch size 2: one batch)."""
+    one crop per volume a pass's last batch of a single volume is dropped (3 volumes, batch size 2: one batch a
+    pass). An epoch of 3 iterations is 3 such batches."""
     studies = tmp_path / "studies"
     for name in ("a", "b", *(f"u{i}" for i in range(unlabeled))):
         save(studies / f"{name}.nii.gz")
@@ -247,9 +248,9 @@ def test_every_unlabeled_batch_has_two_crops_for_cutmix(tmp_path, semsim_imports
                for n in ("a", "b")]
     config = semsim_train_config(tmp_path / "no_dataset", tmp_path / "bundle", train__dataset__data=labeled[:1],
                                  validate__dataset__data=labeled[1:], num_samples=num_samples, roi_size=[4, 4, 4],
-                                 num_workers=0, cache_rate=0)
+                                 num_workers=0, cache_rate=0, iterations_per_epoch=3)
     loader = config.get_parsed_content("train#unlabeled_dataloader")
-    assert [batch["unlabeled_image"].shape[0] for batch in loader] == crops_per_batch
+    assert [batch["unlabeled_image"].shape[0] for batch in loader] == crops_per_batch * 3
 
 
 def test_refusals_name_the_datalist(tmp_path):
