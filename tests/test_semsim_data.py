@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 data = load_module(REPO / "bundles/template/scripts/data.py")
 check = load_module(REPO / "bundles/template/scripts/dataset_check.py")
 semi_data = bundle_scripts_module(BUNDLES / "semsim_segmentation", "semi_data")
+sampling = bundle_scripts_module(BUNDLES / "semsim_segmentation", "sampling")
 AFFINE = np.diag([1.5, 1.5, 1.5, 1.0])
 UNLABELED_KEYS = ("unlabeled_image", "unlabeled_strong1", "unlabeled_strong2")
 
@@ -367,7 +368,9 @@ class RecordingSampler(DistributedSampler):
 
 
 def distributed_loader(items: list[dict]) -> DataLoader:
-    return DataLoader(items, batch_size=1, sampler=RecordingSampler(items))
+    """A loader as the bundle's multi-GPU overlay builds it: the process's shard in batches of the template's
+    ``EpochBatchSampler`` (one pass a batch sampler's epoch)."""
+    return DataLoader(items, batch_sampler=sampling.EpochBatchSampler(RecordingSampler(items), batch_size=1))
 
 
 def test_loader_in_supervised_trainer_sets_sampler_epochs():
@@ -385,8 +388,8 @@ def test_loader_in_supervised_trainer_sets_sampler_epochs():
     trainer.run()
     assert trainer.state.epoch_length == 5 and trainer.state.iteration == 10
     assert all(set(b) == {"image", "label", *UNLABELED_KEYS} for b in seen)
-    assert labeled.sampler.epochs == [0, 1, 2, 3, 4, 5]  # three labelled passes per epoch
-    assert unlabeled.sampler.epochs == [0, 1]
+    assert labeled.batch_sampler.sampler.epochs == [0, 1, 2, 3, 4, 5]  # three labelled passes per epoch
+    assert unlabeled.batch_sampler.sampler.epochs == [0, 1]
     epochs = [indices(seen[i : i + 5], "unlabeled_image") for i in (0, 5)]
     assert all(sorted(e) == list(range(5)) for e in epochs) and epochs[0] != epochs[1]  # set_epoch reshuffled
 

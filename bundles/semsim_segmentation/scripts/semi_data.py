@@ -110,10 +110,9 @@ class SemiSupervisedLoader:
     semi-supervised epoch, so that both arms of a comparison take the same number of optimiser steps; an empty
     unlabelled loader is then ignored.
 
-    MONAI's ``Workflow`` takes the epoch length from ``len()`` of an iterable that is not a ``DataLoader``, but sets
-    the epoch of a ``DistributedSampler`` only on a ``DataLoader``; so this class calls ``sampler.set_epoch(n)``
-    itself at the start of each pass, ``n`` counting that loader's passes from 0, and multi-GPU shuffles differ
-    between passes. The count starts again at 0 in a resumed run.
+    MONAI's ``Workflow`` takes the epoch length from ``len()`` of an iterable that is not a ``DataLoader``. The
+    bundle's loaders draw their batches with ``scripts.sampling.EpochBatchSampler``, which sets the epoch of a
+    ``DistributedSampler`` before each of its passes, so multi-GPU shuffles differ between passes here too.
     """
 
     def __init__(self, labeled: DataLoader, unlabeled: DataLoader | None = None, use_unlabeled: bool = True) -> None:
@@ -124,19 +123,14 @@ class SemiSupervisedLoader:
         for name, loader in self.loaders.items():
             if len(loader) == 0:
                 raise ValueError(f"the {name} data loader has no batch: check its dataset and batch size")
-        self._passes = dict.fromkeys(self.loaders, 0)
 
     def __len__(self) -> int:
         return max(len(loader) for loader in self.loaders.values())
 
     def _cycle(self, name: str) -> Iterator[dict]:
-        """The loader's batches, pass after pass, setting the sampler's epoch before each pass."""
+        """The loader's batches, pass after pass."""
         loader = self.loaders[name]
         while True:
-            set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
-            if set_epoch is not None:
-                set_epoch(self._passes[name])
-            self._passes[name] += 1
             yield from loader
 
     def __iter__(self) -> Iterator[dict]:
