@@ -48,6 +48,8 @@ def test_every_bundle_trains_with_the_template_recipe():
         assert config["train"]["random_transforms"] == template["train"]["random_transforms"], bundle.name
         assert config["augmentation"] == template["augmentation"], bundle.name
         assert config["train"]["trainer"]["epoch_length"] == "$@iterations_per_epoch or None", bundle.name
+        # SegResNet with dropout 0.2, the default chosen by measurement (docs/recipe.md), in every bundle
+        assert config["backbones"]["segresnet"]["dropout_prob"] == 0.2, bundle.name
 
 
 @pytest.mark.parametrize("num_cases, iterations, per_epoch", [(1, 3, 3), (4, 3, 3), (2, 0, 2)])
