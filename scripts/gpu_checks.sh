@@ -6,7 +6,8 @@
 #
 # BRAIN_DATASET: `python scripts/make_dataset.py --task brain --out DIR` (written on a machine that can fetch it).
 # DEVICE (cuda), BENCH_ARGS (scripts/benchmark.py's sizes), BASELINE_EPOCHS, BASELINE_ITERATIONS, BASELINE_SECONDS
-# and LARGE_ARGS (scripts/benchmark_large_volume.py's) shrink it for a dry run on a CPU.
+# and LARGE_ARGS (scripts/benchmark_large_volume.py's) shrink it for a dry run on a CPU; METHODS (default: all four)
+# chooses the benchmarks.
 # Steps, most important first:
 #   1. the plan step on CUDA (selfreg bundle, brain): the settings it gives with the device's memory;
 #   2. the plain baseline trained with that plan (AMP) and its sliding-window AMP inference on the held-out ROBEX
@@ -74,7 +75,7 @@ step nccl 90 "$py" -m scripts.torchrun --standalone --nproc_per_node 1 -m monai.
     --iterations_per_epoch 4 --roi_size [64,64,64] --spacing [1.5,1.5,1.5] --num_workers 0 --progress_bar False \
     --preflight#probe '$print("probe: backend", dist.get_backend(), "device", @device, "amp", @amp)'
 
-for method in selfreg segresnet_vae reseg semsim; do
+for method in ${METHODS:-selfreg segresnet_vae reseg semsim}; do
     step "benchmark_$method" 120 "$py" "$repo/scripts/benchmark.py" --method "$method" --device "$device" $bench_args \
         --json "$out/benchmark_$method.json"
 done
