@@ -12,6 +12,7 @@ the cases of one pass over the sampler's order, cut into ``batch_size`` (the las
 from __future__ import annotations
 
 from collections.abc import Iterator, Sized
+from itertools import chain, count, islice
 
 from torch.utils.data import Sampler
 
@@ -21,7 +22,8 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     Args:
         sampler: the order of the cases in one pass (``RandomSampler``; a ``DistributedSampler`` for one process's
-            shard, whose ``set_epoch`` is called with the pass count before each pass, so that passes differ).
+            shard, whose ``set_epoch`` is called with the pass count before each pass, so that passes differ; the
+            count starts again at 0 in a resumed run).
         batch_size: cases per batch.
         iterations: batches per epoch; 0 or ``None``: one pass over ``sampler``.
         drop_last: leave out a pass's last batch when it is shorter than ``batch_size``.
@@ -60,12 +62,6 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         if not self.iterations:
-            yield from self._one_pass()
-            return
-        produced = 0
-        while produced < self.iterations:
-            for batch in self._one_pass():
-                yield batch
-                produced += 1
-                if produced == self.iterations:
-                    return
+            return self._one_pass()
+        passes = chain.from_iterable(self._one_pass() for _ in count())
+        return islice(passes, self.iterations)
