@@ -10,8 +10,9 @@ A method's fragment is merged into the template's config of the same name with t
 ``monai.bundle.ConfigParser.load_config_files``: each fragment key replaces that id whole, and a ``#`` path
 (``train#trainer#prepare_batch``) replaces one nested item; lists are replaced, never merged. So that configs still
 read top to bottom, a new top-level id is placed after the id that precedes it in the fragment (the fragment's first
-id, if new, after ``backbones``, or at the end of a config without one). Every other method file is copied as it is. Each generated file carries a
-header naming its sources; ``--check`` writes nothing and exits 1 on drift (a test runs it).
+id, if new, after ``backbones``, or at the end of a config without one); a fragment key ``"_after_": "<id>"`` places the
+ids that follow it after that template id instead, without restating it. Every other method file is copied as it
+is. Each generated file carries a header naming its sources; ``--check`` writes nothing and exits 1 on drift (a test runs it).
 
     python scripts/generate_bundles.py            # regenerate bundles/<bundle>/ for every method
     python scripts/generate_bundles.py --check    # report generated files that differ from their sources
@@ -41,6 +42,8 @@ METHODS = REPO / "bundles" / "methods"
 TOOL = "scripts/generate_bundles.py"
 # Where the fragment's first new top-level id goes when no id precedes it.
 DEFAULT_ANCHOR = "backbones"
+# A fragment key whose value names the template id after which the fragment's following new ids go.
+AFTER_KEY = "_after_"
 # The id of the header in generated JSON: a plain string, inert in any config.
 JSON_HEADER_KEY = "_generated_"
 REGISTRY_FILE = "method.json"
@@ -64,11 +67,16 @@ def with_header(path: Path, text: str, sources: list[Path]) -> str:
 
 def merge(template: Mapping[str, Any], fragment: Mapping[str, Any]) -> dict[str, Any]:
     """``template`` updated by ``fragment`` as ``ConfigParser.load_config_files`` updates one config by the next,
-    with new top-level ids placed after the id that precedes them in the fragment."""
+    with new top-level ids placed after the id that precedes them in the fragment (or that ``_after_`` names)."""
     parser = ConfigParser(json.loads(json.dumps(template)))
     anchor = DEFAULT_ANCHOR
     placement: dict[str, str] = {}
     for key, value in fragment.items():
+        if key == AFTER_KEY:
+            if value not in template:
+                raise SystemExit(f'"{AFTER_KEY}": "{value}" names no id of the template config; ids: {list(template)}')
+            anchor = value
+            continue
         value = json.loads(json.dumps(value))
         top = ReferenceResolver.split_id(key)[0]
         if key in parser.config:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from helpers import ALL_BUNDLES, REPO, load_module
 
 generate = load_module(REPO / "scripts" / "generate_bundles.py", "generate_bundles_tool")
@@ -33,6 +34,15 @@ def test_first_new_id_goes_after_the_backbones_and_flat_overlay_ids_stay_flat():
     assert list(merged) == ["device", "backbones", "my_weight", "loss"]
     overlay = generate.merge({"train#sampler": {"_target_": "S"}}, {"train#unlabeled_sampler": {"_target_": "S"}})
     assert list(overlay) == ["train#sampler", "train#unlabeled_sampler"]
+
+
+def test_after_places_new_ids_after_a_template_id_without_restating_it():
+    template = {"cache_dir": "'/c'", "backbones": {}, "make_plan": {"a": 1}}
+    merged = generate.merge(template, {"_after_": "cache_dir", "pool": "'/p'", "make_plan#pool": "@pool"})
+    assert list(merged) == ["cache_dir", "pool", "backbones", "make_plan"]
+    assert merged["cache_dir"] == "'/c'" and merged["make_plan"] == {"a": 1, "pool": "@pool"}
+    with pytest.raises(SystemExit, match="names no id of the template"):
+        generate.merge(template, {"_after_": "cache", "pool": 1})
 
 
 def test_generated_files_name_their_sources():

@@ -182,3 +182,35 @@ def test_random_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 
         fresh = _trainer(seed=0)
         assert _draws(fresh) != expected  # without the saved state the streams start again
+
+
+def test_random_state_keeps_the_pass_count_of_a_distributed_epoch_sampler(tmp_path):
+    """One rank's shard under torchrun: each pass is shuffled by its pass count (DistributedSampler.set_epoch), so a
+    resumed run continues with the uninterrupted run's next passes instead of repeating the first ones."""
+    with bundle_imports(SELFREG_BUNDLE):
+        from monai.data import DataLoader
+        from torch.utils.data import DistributedSampler
+
+        from scripts.random_state import RandomState
+        from scripts.sampling import EpochBatchSampler
+
+        def trainer() -> SimpleNamespace:
+            shard = DistributedSampler(range(16), num_replicas=2, rank=1, shuffle=True, seed=0)
+            loader = DataLoader(list(range(16)), batch_sampler=EpochBatchSampler(shard, batch_size=4, iterations=3))
+            return SimpleNamespace(data_loader=loader, loss_function=None, prepare_batch=None, network=None,
+                                   inferer=None, scaler=None)
+
+        def epoch(run: SimpleNamespace) -> list[list[int]]:
+            return [batch.tolist() for batch in run.data_loader]
+
+        whole = trainer()
+        epoch(whole)
+        torch.save({"random_state": RandomState(whole).state_dict()}, tmp_path / "checkpoint.pt")
+        expected = [epoch(whole), epoch(whole)]
+
+        resumed = trainer()
+        RandomState(resumed).load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["random_state"])
+        assert resumed.data_loader.batch_sampler.passes == 2  # an epoch of 3 batches took two passes of 2
+        assert [epoch(resumed), epoch(resumed)] == expected
+        restarted = trainer()
+        assert [epoch(restarted), epoch(restarted)] != expected  # from pass 0 it repeats the first passes' orders

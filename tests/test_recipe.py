@@ -219,3 +219,46 @@ def test_background_crops_are_drawn_in_the_whole_background(synthetic_dataset, t
     former = RandCropByPosNegLabeld(["image", "label"], "label", [1, 1, 1], pos=0, neg=1, num_samples=10,
                                     image_key="image", image_threshold=0)
     assert (crop_centre_values(former, case) > 0).all()
+
+
+class _AlwaysClass(torch.nn.Module):
+    """Logits that put every voxel in one class."""
+
+    def __init__(self, index: int, num_classes: int = 3) -> None:
+        super().__init__()
+        self.index, self.num_classes = index, num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(x.shape[0], self.num_classes, *x.shape[2:])
+        logits[:, self.index] = 1.0
+        return logits
+
+
+def test_a_class_never_predicted_in_two_validations_is_warned_about_once(bundle_on_path, caplog):
+    """A MONAI evaluator with the bundle's per-class Dice: a network that predicts grey matter everywhere gives white
+    matter a Dice of 0; the second validation in a row warns, naming the class, and the third does not repeat it.
+    Grey matter (Dice > 0) is never named."""
+    bundle_on_path(SELFREG_BUNDLE)
+    from monai.data import DataLoader
+    from monai.engines import SupervisedEvaluator
+    from monai.transforms import AsDiscreted
+
+    from scripts.training import CollapsedClassWarning, per_class_dice
+
+    classes = ["background", "grey matter", "white matter"]
+    label = torch.zeros(1, 8, 8, 8)
+    label[:, 2:4], label[:, 4:6] = 1, 2
+    loader = DataLoader([{"image": torch.rand(1, 8, 8, 8), "label": label}], batch_size=1)
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"), val_data_loader=loader, network=_AlwaysClass(1),
+        postprocessing=AsDiscreted(["pred", "label"], argmax=[True, False], to_onehot=[3, 3]),
+        key_val_metric=per_class_dice(classes), val_handlers=[CollapsedClassWarning(classes)])
+    warned = []
+    for _ in range(3):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="scripts.training"):
+            evaluator.run()
+        warned.append([r.getMessage() for r in caplog.records if "collapsed class" in r.getMessage()])
+    assert evaluator.state.metrics["val_dice_white_matter"] == 0 and evaluator.state.metrics["val_dice_grey_matter"] > 0
+    assert [len(w) for w in warned] == [0, 1, 0]
+    assert "class 'white matter'" in warned[1][0] and "'grey matter'" not in warned[1][0]

@@ -24,7 +24,7 @@ class EpochBatchSampler(Sampler[list[int]]):
     Args:
         sampler: the order of the cases in one pass (``RandomSampler``; a ``DistributedSampler`` for one process's
             shard, whose ``set_epoch`` is called with the pass count before each pass, so that passes differ; the
-            count starts again at 0 in a resumed run).
+            count, ``passes``, is saved with the checkpoint by ``scripts.random_state.RandomState``).
         batch_size: cases per batch.
         iterations: batches per epoch; 0 or ``None``: one pass over ``sampler``.
         drop_last: leave out a pass's last batch when it is shorter than ``batch_size``.

@@ -13,6 +13,9 @@ the seed. :class:`RandomState` (in ``checkpoint_objects``) saves and restores:
   it is built, so a worker-less loader never reseeds them), ``torch.Generator`` objects (also those a method
   creates lazily, which are created again on loading), ``numpy.random.Generator`` and ``random.Random``. They are
   found by walking attributes, lists and dicts, so a method's code needs nothing to take part;
+- the pass count of every :class:`~scripts.sampling.EpochBatchSampler` reachable from there: a DistributedSampler
+  shuffles each pass by that count (``set_epoch``), so without it a resumed run under torchrun would repeat the first
+  passes' shard orders;
 - the trainer's AMP GradScaler (MONAI creates it when the run starts, so it cannot be a checkpoint object itself).
 
 The state is taken at the end of each epoch by a handler that :class:`RandomState` attaches to the trainer when it is
@@ -36,6 +39,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
+
+from .sampling import EpochBatchSampler
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +69,9 @@ _LEAVES = (
     torch.dtype,
 )
 _GENERATORS = (torch.Generator, np.random.RandomState, np.random.Generator, random.Random)
+# Streams whose position is a count rather than a generator state; they are walked into as well.
+_COUNTED = (EpochBatchSampler,)
+_STREAMS = _GENERATORS + _COUNTED
 # How deep the search goes below a root (a transform inside a Compose inside a dataset inside a loader is 6 deep).
 MAX_DEPTH = 40
 
@@ -105,17 +113,19 @@ def _path_name(root: str, steps: list[list]) -> str:
 
 
 def find_generators(root: Any) -> Iterator[tuple[list[list], Any]]:
-    """``(path, generator)`` for every torch / numpy / Python generator reachable from ``root`` through object
-    attributes, lists, tuples and dicts, each once (by its first path, depth first, in attribute order)."""
+    """``(path, stream)`` for every torch / numpy / Python generator and every epoch batch sampler reachable from
+    ``root`` through object attributes, lists, tuples and dicts, each once (by its first path, depth first, in
+    attribute order)."""
     seen: set[int] = set()
 
     def walk(obj: Any, steps: list[list]) -> Iterator[tuple[list[list], Any]]:
         if isinstance(obj, _LEAVES) or id(obj) in seen or len(steps) > MAX_DEPTH:
             return
         seen.add(id(obj))
-        if isinstance(obj, _GENERATORS):
+        if isinstance(obj, _STREAMS):
             yield steps, obj
-            return
+            if isinstance(obj, _GENERATORS):
+                return
         if isinstance(obj, (list, tuple)):
             for i, item in enumerate(obj):
                 yield from walk(item, [*steps, ["index", i]])
@@ -135,6 +145,8 @@ def find_generators(root: Any) -> Iterator[tuple[list[list], Any]]:
 
 
 def _generator_state(generator: Any) -> dict:
+    if isinstance(generator, EpochBatchSampler):
+        return {"type": "batch_sampler_passes", "state": generator.passes}
     if isinstance(generator, torch.Generator):
         return {"type": "torch", "device": str(generator.device), "state": generator.get_state()}
     if isinstance(generator, np.random.RandomState):
@@ -145,7 +157,9 @@ def _generator_state(generator: Any) -> dict:
 
 
 def _set_generator_state(generator: Any, state: dict) -> None:
-    if state["type"] == "torch":
+    if state["type"] == "batch_sampler_passes":
+        generator.passes = int(state["state"])
+    elif state["type"] == "torch":
         generator.set_state(state["state"].cpu())
     elif state["type"] == "numpy":
         generator.set_state(_numpy_tuple(state["state"]))
@@ -301,7 +315,7 @@ class RandomState:
                     obj = obj[key]
                 else:
                     return False
-        if not isinstance(obj, _GENERATORS) or _generator_state(obj)["type"] != saved["type"]:
+        if not isinstance(obj, _STREAMS) or _generator_state(obj)["type"] != saved["type"]:
             return False
         _set_generator_state(obj, saved)
         return True
