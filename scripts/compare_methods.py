@@ -16,7 +16,8 @@ arm it is measured against and its targets) this
 5. writes ``docs/results/`` (or ``--results``): ``README.md`` (the baseline's Dice against its target; per arm
    the Dice and HD95 over seeds; the paired differences method − baseline per seed and held-out case with their
    bootstrap 95 % interval and verdict, ``scripts/paired_stats.py``; the cost ratios), ``per_case.csv``,
-   ``summary.json``, PNG plots, and the headline table of the top README between its ``results`` markers.
+   ``summary.json``, PNG plots, and its rows of the headline table of the top README between its ``results``
+   markers, where the rows and report links of earlier invocations (other methods or tasks) are kept.
 
 Before training it prints the number of runs and their estimated wall time (``--estimate`` stops there).
 Everything is resumable: finished plans, runs and benchmarks are kept under ``--out`` and not recomputed, and a
@@ -616,17 +617,41 @@ def report_text(args: argparse.Namespace, studies: dict[str, dict], costs: dict[
     return "\n".join(lines)
 
 
-def update_readme(readme: Path | None, table: list[str], results: Path) -> bool:
-    """Replace the block between the README's markers with the headline table; False if it has no markers."""
+# A report's line in the README block: "- [docs/results/x/README.md](docs/results/x/README.md): SelfReg, ReSeg".
+REPORT_LINE = re.compile(r"^- \[(?P<link>[^\]]+)\]\((?P=link)\): (?P<titles>.+)$")
+
+
+def _row_key(row: str) -> tuple[str, str]:
+    """A headline row's method and task."""
+    method, task = [cell.strip() for cell in row.strip().strip("|").split("|")][:2]
+    return method, task
+
+
+def update_readme(readme: Path | None, table: list[str], results: Path, titles: Sequence[str]) -> bool:
+    """Merge the headline table into the block between the README's markers; False if it has no markers.
+
+    The block gathers the reports of several invocations (one per method or task, as 2 cores allow): this
+    invocation's rows (``titles``' methods, tasks) replace the rows of the same method and task, and its report's
+    line replaces the line of the same report file; the rows of a method whose report was overwritten go with it."""
     if readme is None or not readme.is_file():
         return False
     text = readme.read_text()
     if README_START not in text or README_END not in text:
         return False
-    link = os.path.relpath(results / "README.md", readme.parent)
-    block = "\n".join([README_START, *table, "", f"Full report: [{link}]({link}).", README_END])
     head, rest = text.split(README_START, 1)
-    readme.write_text(head + block + rest.split(README_END, 1)[1])
+    block, tail = rest.split(README_END, 1)
+    link = os.path.relpath(results / "README.md", readme.parent)
+    reports = {m["link"]: m["titles"] for m in map(REPORT_LINE.match, block.splitlines()) if m}
+    reports.pop(link, None)
+    reported = {title.strip() for titles_line in reports.values() for title in titles_line.split(",")}
+    reports[link] = ", ".join(titles)
+    new_rows = {_row_key(row): row for row in table[2:]}
+    rows = [row for row in block.splitlines() if row.startswith("|")][2:]
+    kept = [row for row in rows if _row_key(row) in new_rows or _row_key(row)[0] in reported]
+    merged = [new_rows.pop(_row_key(row), row) for row in kept]
+    lines = [*table[:2], *merged, *new_rows.values(), "", "Full reports:", "",
+             *[f"- [{path}]({path}): {names}" for path, names in reports.items()]]
+    readme.write_text(head + "\n".join([README_START, *lines, README_END]) + tail)
     return True
 
 
@@ -743,7 +768,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     (args.results / "summary.json").write_text(json.dumps(accuracy_study.json_safe(summary), indent=2) + "\n")
     (args.results / "README.md").write_text(report_text(args, studies, costs, images, runs_wall_s, wall_s))
     table = headline(studies, args.methods)
-    updated = update_readme(args.readme, table, args.results)
+    updated = update_readme(args.readme, table, args.results, [m.title for m in args.methods])
     print("\n" + "\n".join(table))
     print(f"\nreport: {args.results / 'README.md'}" + (f"; headline table in {args.readme}" if updated else ""))
 

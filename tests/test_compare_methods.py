@@ -155,8 +155,36 @@ def test_validation_curve_reads_the_logged_epochs(compare, tmp_path):
 def test_readme_without_markers_is_left_alone(compare, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# no markers\n")
-    assert compare.update_readme(readme, ["| a |"], tmp_path / "results") is False
+    assert compare.update_readme(readme, ["| a |"], tmp_path / "results", ["A"]) is False
     assert readme.read_text() == "# no markers\n"
+
+
+def test_readme_block_gathers_the_reports_of_several_invocations(compare, tmp_path):
+    """Each invocation adds its rows and report line; a rerun replaces its method's rows; a report written over
+    another takes the other's rows with it. The text around the markers is kept."""
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# top\n{compare.README_START}\nold text\n{compare.README_END}\nbottom\n")
+    header = ["| method | task | baseline Dice | method Dice | verdict |", "|---|---|---:|---:|---:|"]
+
+    def update(title: str, task: str, dice: str, folder: str) -> None:
+        assert compare.update_readme(readme, [*header, f"| {title} | {task} | 0.9 | {dice} | v |"],
+                                     tmp_path / folder, [title])
+
+    def rows() -> list[str]:
+        return [line for line in readme.read_text().splitlines() if line.startswith("| ") and "method |" not in line]
+
+    update("SelfReg", "brain", "0.8", "results")
+    update("ReSeg", "brain", "0.91", "results/reseg_brain")
+    assert rows() == ["| SelfReg | brain | 0.9 | 0.8 | v |", "| ReSeg | brain | 0.9 | 0.91 | v |"]
+    update("SelfReg", "brain", "0.85", "results")  # a rerun: its row replaced in place
+    assert rows() == ["| SelfReg | brain | 0.9 | 0.85 | v |", "| ReSeg | brain | 0.9 | 0.91 | v |"]
+    text = readme.read_text()
+    assert "- [results/README.md](results/README.md): SelfReg" in text
+    assert "- [results/reseg_brain/README.md](results/reseg_brain/README.md): ReSeg" in text
+    assert text.startswith("# top\n") and text.endswith(f"{compare.README_END}\nbottom\n") and "old text" not in text
+    update("SemSim", "brain", "0.7", "results")  # SelfReg's report overwritten: its row goes
+    assert rows() == ["| ReSeg | brain | 0.9 | 0.91 | v |", "| SemSim | brain | 0.9 | 0.7 | v |"]
+    assert "SelfReg" not in readme.read_text()
 
 
 def test_method_is_compared_with_its_registry_arm(compare):
