@@ -203,3 +203,30 @@ def test_method_is_compared_with_its_registry_arm(compare):
     assert [p["difference"] for p in against["pairs"]] == pytest.approx([0.05, 0.0])
     [line] = compare.target_lines({"semsim": report}, [semsim])
     assert f"semsim − {semsim.compare_against} = +0.025" in line and f"≥ {semsim.dice_gain_target:+.3f}" in line
+
+
+def test_largest_component_study_rescores_finished_runs(tmp_path, capsys):
+    """scripts/largest_component_study.py on a compare_methods output folder: a baseline run whose prediction has a
+    stray island and a method run without one; keeping class 1 to its largest component removes the island only,
+    raises the baseline's Dice and HD95 accordingly, and the method - baseline difference is taken with both kept."""
+    study = load_module(REPO / "scripts" / "largest_component_study.py", "largest_component_study_tool")
+    grid = np.stack(np.meshgrid(*[np.arange(24)] * 3, indexing="ij"))
+    label = (((grid - 12) ** 2).sum(0) <= 25).astype(np.uint8)
+    data = tmp_path / "data/m/brain/labelsTs"
+    data.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(label, np.eye(4)), data / "head.nii.gz")
+    island = label.copy()
+    island[0:3, 0:3, 0:3] = 1  # 27 voxels, 20 mm from the ball
+    for arm, prediction in (("baseline", island), ("m", label)):
+        for seed in ("seed0", "seed1"):
+            folder = tmp_path / f"runs/m/brain/{arm}/{seed}/predictions"
+            folder.mkdir(parents=True)
+            nib.save(nib.Nifti1Image(prediction, np.eye(4)), folder / "head_seg.nii.gz")
+    results = study.main(["--out", str(tmp_path), "--classes", "1"])
+    baseline, method = results["m/brain/baseline"], results["m/brain/m"]
+    rows = baseline["runs"]["seed0"]
+    assert rows[0]["voxels_removed"] == 27 and rows[0]["dice_kept"] == 1.0 and rows[0]["dice_predicted"] < 0.98
+    assert rows[0]["hd95_predicted"] > 5 and rows[0]["hd95_kept"] == 0.0
+    assert method["runs"]["seed1"][0]["voxels_removed"] == 0 and method["dice_kept"] == 1.0
+    assert baseline["difference"]["mean"] > 0.02 and method["minus_baseline_kept"]["mean"] == 0.0
+    assert "kept - predicted" in capsys.readouterr().out

@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from helpers import SELFREG_BUNDLE, in_bundle, refusal_in_process, small_run, workflow
 from method_registry import all_methods
 
@@ -80,6 +81,8 @@ def test_plan_on_real_brain_heads_cpu_and_cuda(brain_dataset, tmp_path):
     assert cuda["spacing"] == [1.5, 2.0, 1.5]  # the median spacing (ITK 2x3x2 in RAS, MNI 1 mm)
     assert min(cuda["roi_size"]) >= 96 and cuda["amp"] is True and cuda["batch_size"] * cuda["num_samples"] >= 2
     assert cuda["init_filters"] == 16
+    # the brain mask is one object in both training heads (the MNI mask: 6 components, nearly all in one)
+    assert cpu["keep_largest_component"] == [1] and cuda["keep_largest_component"] == [1]
 
 
 def test_mr_normalisation_holds_on_a_noisy_background(brain_dataset, tmp_path):
@@ -129,6 +132,9 @@ def test_mr_normalisation_holds_whatever_share_of_the_view_the_head_fills(tissue
     white matter."""
     plan = run_plan(tissue_dataset, tmp_path, device="cpu")
     assert plan["settings"]["intensity"]["zscore_over"] == "foreground"
+    # grey and white matter fall apart into several pieces in a slab: no class is kept to its largest component
+    assert plan["settings"]["keep_largest_component"] == []
+    assert min(min(c["largest_component_share"].values()) for c in plan["fingerprint"]["cases"]) < 0.9
     content = json.loads((tissue_dataset / "dataset.json").read_text())
     cases = [*content["training"], *content["validation"], *content["test"]]
     with in_bundle(BUNDLE):
@@ -170,6 +176,59 @@ def _tiny_dataset(folder: Path, shapes: list, spacings: list, modality: dict | N
                "training": training}
     (folder / "dataset.json").write_text(json.dumps(content))
     return folder
+
+
+def test_plan_keeps_the_largest_component_of_single_object_classes_only(tmp_path):
+    """Class 1 is one ball in each case (one case adds a one-voxel speck: 0.1 % label noise), class 2 is two
+    separate blocks: the plan keeps class 1 to its largest component and leaves class 2 alone; inference.json and
+    evaluate.json (through the model's record) keep the largest component of class 1 only, with MONAI's
+    KeepLargestConnectedComponentd; with an empty list they keep every component."""
+    folder = tmp_path / "data"
+    for sub in ("imagesTr", "labelsTr"):
+        (folder / sub).mkdir(parents=True)
+    grid = np.stack(np.meshgrid(*[np.arange(32)] * 3, indexing="ij"))
+    training = []
+    for i, centre in enumerate((12, 18)):
+        label = np.zeros((32, 32, 32), np.uint8)
+        label[((grid - centre) ** 2).sum(0) <= 36] = 1
+        label[2:6, 2:6, 2:6] = label[26:30, 26:30, 2:6] = 2
+        if i:
+            label[30, 2, 30] = 1
+        image = label * 100.0 + np.random.RandomState(i).rand(32, 32, 32).astype(np.float32)
+        nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)), folder / f"imagesTr/case{i}.nii.gz")
+        nib.save(nib.Nifti1Image(label, np.eye(4)), folder / f"labelsTr/case{i}.nii.gz")
+        training.append({"image": f"./imagesTr/case{i}.nii.gz", "label": f"./labelsTr/case{i}.nii.gz"})
+    (folder / "dataset.json").write_text(json.dumps(
+        {"labels": {"0": "background", "1": "ball", "2": "blocks"}, "modality": {"0": "MRI"}, "training": training}))
+    plan = run_plan(folder, tmp_path / "root", device="cpu")
+    shares = [c["largest_component_share"] for c in plan["fingerprint"]["cases"]]
+    assert shares[0] == {"1": 1.0, "2": 0.5} and 0.99 < shares[1]["1"] < 1.0 and shares[1]["2"] == 0.5
+    assert plan["settings"]["keep_largest_component"] == [1] and "keep_largest_component" in plan["why"]
+
+    two_balls = np.zeros((1, 32, 32, 32), np.float32)
+    two_balls[0][((grid - 10) ** 2).sum(0) <= 16] = 1  # 257 voxels
+    two_balls[0][((grid - 24) ** 2).sum(0) <= 4] = 1  # 33 voxels, apart from the first
+    two_balls[0, 2:6, 2:6, 2:6] = two_balls[0, 26:30, 26:30, 2:6] = 2
+    models = tmp_path / "root/models"
+    for kept in ([1], []):
+        (models / "model_settings.json").write_text(json.dumps({"keep_largest_component": kept}))
+        with in_bundle(BUNDLE):
+            flow = workflow(BUNDLE, ["inference.json"], None, bundle_root=str(tmp_path / "root"),
+                            dataset_dir=str(folder), output_dir=str(tmp_path / "pred"))
+            post = flow.parser.get_parsed_content("postprocessing").transforms
+            evaluation = workflow(BUNDLE, ["train.json", "evaluate.json"], None, bundle_root=str(tmp_path / "root"),
+                                  dataset_dir=str(folder))
+            post_onehot = evaluation.parser.get_parsed_content("validate#postprocessing").transforms
+        keep = [t for t in post if type(t).__name__ == "KeepLargestConnectedComponentd"]
+        keep_onehot = [t for t in post_onehot if type(t).__name__ == "KeepLargestConnectedComponentd"]
+        if not kept:
+            assert keep == [] and keep_onehot == []
+            continue
+        out = keep[0]({"pred": torch.as_tensor(two_balls)})["pred"].numpy()
+        assert (out == 1).sum() == 257 and (out == 2).sum() == (two_balls == 2).sum()
+        onehot = torch.as_tensor(np.concatenate([two_balls == c for c in range(3)]).astype(np.float32))
+        out = keep_onehot[0]({"pred": onehot})["pred"].numpy()
+        assert out[1].sum() == 257 and out[2].sum() == (two_balls == 2).sum()
 
 
 @pytest.mark.parametrize("case, expected", [

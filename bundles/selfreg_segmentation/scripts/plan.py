@@ -35,6 +35,13 @@ The settings (:func:`make_settings`), every choice with its reason in the plan's
   sliding windows of the crop size, 4 at a time with 0.5 overlap on CUDA, 2 with 0.25 on CPU.
 - ``init_filters``: SegResNet's first-level width (``backbones#segresnet#init_filters``), 16 on CUDA as in the
   model zoo, 8 on CPU, where it halves the cost of a step.
+- ``keep_largest_component``: the classes whose every training label is one connected object (its largest
+  connected component, full connectivity, holds at least ``SINGLE_OBJECT_SHARE`` of the class's voxels in every case
+  that has the class; the fingerprint's ``largest_component_share``). Evaluation and inference keep only the
+  largest component of these classes in a prediction (MONAI's ``KeepLargestConnectedComponentd``), as nnU-Net's
+  post-processing does for single-object structures (nnU-Net decides it on cross-validation predictions; the plan
+  decides it from the labels, before any training). On the ``brain`` task the brain mask is one object in every
+  head (class 1 kept); on ``tissue`` grey and white matter fall apart into several pieces in a slab (none kept).
 
 The cache (:func:`cache_settings`, keys ``cache``, ``cache_rate``, ``cache_gb``): every labelled case at the planned
 spacing, padded to the crop, as float32 image channels and label (a semi-supervised bundle caches its unlabelled
@@ -61,6 +68,8 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import load_decathlon_datalist
+from monai.transforms import LoadImage
+from scipy import ndimage
 
 from .data import semi_supervised_split
 from .memory import host_available_memory
@@ -93,6 +102,9 @@ DIVISORS = {"segresnet": 16, "unet": 16, "swinunetr": 32}
 # Spacings of one axis may differ at most this much between cases.
 MAX_SPACING_RATIO = 10.0
 MR_PERCENTILES = (0.5, 99.5)
+# A class is one object when its largest connected component holds at least this share of its voxels in every
+# training label (a few stray voxels of label noise allowed: the MNI brain mask has 6 components, the largest 99.99 %).
+SINGLE_OBJECT_SHARE = 0.99
 # The dataset cache may take this share of the host's available memory (the rest: the model, the loader workers'
 # augmented crops, the validation outputs) and of the free disk under the cache folder.
 CACHE_MEMORY_SHARE = 0.5
@@ -195,6 +207,21 @@ def _analyse(cases: list[dict], dataset_dir: str, device: str) -> dict:
         return analyzer.get_all_case_stats("training")
 
 
+def largest_component_shares(label_path: str) -> dict[int, float]:
+    """Per class value > 0 present in the label file, the share of its voxels in its largest connected component
+    (full connectivity: face, edge and corner neighbours, as ``KeepLargestConnectedComponentd``'s default)."""
+    label = np.squeeze(np.asarray(LoadImage(image_only=True)(label_path)))
+    structure = ndimage.generate_binary_structure(label.ndim, label.ndim)
+    shares = {}
+    for value in np.unique(label):
+        if value <= 0:
+            continue
+        components, _ = ndimage.label(label == value, structure=structure)
+        sizes = np.bincount(components.ravel())[1:]
+        shares[int(value)] = float(sizes.max() / sizes.sum())
+    return shares
+
+
 def _first(value: Any) -> Any:
     """DataAnalyzer keeps a per-channel list of statistics: the first channel's."""
     return value[0] if isinstance(value, list) and value and isinstance(value[0], dict) else value
@@ -244,6 +271,7 @@ def fingerprint(
                 "background": _intensity(labels[0]["image_intensity"]),
                 "class_fractions": [float(label["foreground_percentage"]) for label in labels],
                 "label_values": [int(v) for v in case["label_stats"]["labels"]],
+                "largest_component_share": largest_component_shares(case["label_filepath"]),
             }
         )
     if not per_case:
@@ -363,6 +391,11 @@ def make_settings(fp: Mapping, backbone: str = "segresnet") -> tuple[dict, dict]
         iterations, sw_batch_size, sw_overlap = 50, 2, 0.25
         init_filters = CPU_INIT_FILTERS
     why["init_filters"] = f"SegResNet's first-level width on {dev['kind']}"
+    single_objects = single_object_classes(fp["cases"])
+    why["keep_largest_component"] = (
+        f"classes whose largest connected component holds at least {SINGLE_OBJECT_SHARE:.0%} of their voxels in "
+        "every training label: only their largest component is kept in a prediction"
+    )
     why["batch_size"] = f"{batch_size} volumes x {num_samples} crops per step"
     if fp["modality"] == "CT":
         fg = fp["foreground_intensity"]
@@ -389,8 +422,19 @@ def make_settings(fp: Mapping, backbone: str = "segresnet") -> tuple[dict, dict]
         "sw_overlap": sw_overlap,
         "amp": cuda,
         "init_filters": init_filters,
+        "keep_largest_component": single_objects,
     }
     return settings, why
+
+
+def single_object_classes(cases: Sequence[Mapping]) -> list[int]:
+    """The class values whose largest connected component holds at least ``SINGLE_OBJECT_SHARE`` of their voxels
+    in every case of the fingerprint ``cases`` that has them (``largest_component_share``)."""
+    shares: dict[int, list[float]] = {}
+    for case in cases:
+        for value, share in case["largest_component_share"].items():
+            shares.setdefault(int(value), []).append(share)
+    return sorted(value for value, found in shares.items() if min(found) >= SINGLE_OBJECT_SHARE)
 
 
 def _cached_bytes(case: Mapping, spacing: Sequence[float], roi: Sequence[int], channels: int) -> int:
