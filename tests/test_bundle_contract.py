@@ -207,7 +207,7 @@ def test_two_dimensional_training_with_the_same_code(method: Method, dataset_for
 # The settings training records with the model (train.json ``model_settings``, written beside model.pt) that
 # inference.json and evaluate.json read back from models/model_settings.json.
 RECORDED_KEYS = ("class_names", "in_channels", "spatial_dims", "orientation", "spacing", "intensity_norm", "intensity",
-                 "roi_size", "sw_batch_size", "sw_overlap", "backbone")
+                 "roi_size", "sw_batch_size", "sw_overlap", "keep_largest_component", "backbone")
 
 
 def as_shipped(config: Any, plan_defaults: dict) -> Any:
