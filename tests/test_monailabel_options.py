@@ -75,3 +75,20 @@ def test_crop_size_option():
     for bad in ("96,64", "a,b,c", "0"):
         with pytest.raises(ValueError, match="crop_size"):
             settings.crop_size(bad, [48, 48, 32])
+
+
+@pytest.mark.parametrize("method", method_params(METHODS))
+def test_logged_options_are_the_ones_training_uses(method):
+    """A command-line override of the id an option feeds (``--selfreg_weight 0.123``, ``--learning_rate 0.0042``)
+    bypasses ``displayable_configs``: the options line logs the value training uses, not the option's default."""
+    bundle = BUNDLES / method.bundle
+    overrides = {"learning_rate": 0.0042, **{weight: 0.123 for weight in method.weights}}
+    with in_bundle(bundle):
+        flow = workflow(bundle, ["train.json"], "train", run_id="training", initialize=False, **overrides)
+        options = flow.parser.get_parsed_content("displayable_configs", instantiate=True)
+        used = flow.parser.get_parsed_content("report_options#used", instantiate=True)
+    line = settings.log_training_options(options, 1, [32, 32, 32], used)
+    assert "learning_rate 0.0042" in line and all(f"{weight} 0.123" in line for weight in method.weights), line
+    assert set(used) == {"learning_rate", *method.weights}
+    assert all(f"{weight} 0.123" not in settings.log_training_options(options, 1, [32, 32, 32])
+               for weight in method.weights)  # the options' own values, as before

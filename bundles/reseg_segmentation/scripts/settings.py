@@ -201,11 +201,16 @@ def iterations_per_epoch(text: str | int | None, planned: int) -> int:
     return value
 
 
-def log_training_options(options: Mapping[str, Any], max_epochs: int, roi_size: Sequence[int]) -> str:
+def log_training_options(
+    options: Mapping[str, Any], max_epochs: int, roi_size: Sequence[int], used: Mapping[str, Any] | None = None
+) -> str:
     """Log, before training, the options a MONAI Label client sees and sets (``displayable_configs``) with the values
     this run trains with, and the epochs and crop they lead to; returns the logged line. It is how a ``/train``
-    request's options can be seen to reach the bundle (scripts/monailabel_check.py reads it)."""
-    chosen = ", ".join(f"{name} {value!r}" for name, value in options.items())
+    request's options can be seen to reach the bundle (scripts/monailabel_check.py reads it). ``used``: the config
+    ids the options feed (``learning_rate``, a method's weights), whose values win: a command-line override of the id
+    itself (``--selfreg_weight 0``) bypasses ``displayable_configs``."""
+    used = used or {}
+    chosen = ", ".join(f"{name} {used.get(name, value)!r}" for name, value in options.items())
     line = f"training options: {chosen}; max_epochs {max_epochs}, crop {list(roi_size)}"
     logger.info(line)
     return line
