@@ -24,7 +24,7 @@ import torch
 from monai.transforms import KeepLargestConnectedComponent
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paired_stats import crossed_bootstrap_interval, verdict  # noqa: E402
+from paired_stats import Interval, crossed_bootstrap_interval, verdict  # noqa: E402
 from recipe_benchmark import case_name, dice_scores, find_prediction, hd95_scores, load_segmentation  # noqa: E402
 
 
@@ -53,6 +53,12 @@ def rescore(run: Path, labels: dict[str, Path], keep: KeepLargestConnectedCompon
     return rows
 
 
+def paired_interval(pairs: list[tuple[str, str, float]]) -> Interval:
+    """The crossed bootstrap interval of ``(seed, case, difference)`` triples."""
+    seeds, cases, differences = zip(*pairs)
+    return crossed_bootstrap_interval(differences, seeds, cases)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="a compare_methods.py --out folder")
@@ -62,31 +68,34 @@ def main(argv: list[str] | None = None) -> dict:
     runs = sorted(p.parent for p in args.out.glob("runs/*/*/*/seed*/predictions"))
     if not runs:
         raise SystemExit(f"no finished runs under {args.out}/runs: run scripts/compare_methods.py first")
-    results: dict = {}
+    labels: dict[tuple[str, str], dict[str, Path]] = {}
+    rows_by_arm: dict[str, dict[str, list[dict]]] = {}
     for run in runs:
         seed, arm, task, method = run.name, run.parent.name, run.parent.parent.name, run.parent.parent.parent.name
-        rows = rescore(run, held_out_labels(args.out / "data" / method / task), keep)
-        results.setdefault(f"{method}/{task}/{arm}", {})[seed] = rows
+        if (method, task) not in labels:
+            labels[method, task] = held_out_labels(args.out / "data" / method / task)
+        rows = rescore(run, labels[method, task], keep)
+        rows_by_arm.setdefault(f"{method}/{task}/{arm}", {})[seed] = rows
         for r in rows:
             print(f"{method}/{task}/{arm}/{seed} {r['case']}: Dice {r['dice_predicted']:.3f} -> {r['dice_kept']:.3f},"
                   f" HD95 {r['hd95_predicted']:.1f} -> {r['hd95_kept']:.1f} mm, {r['voxels_removed']} voxels removed")
-    for arm, seeds in results.items():
-        pairs = [(seed, r["case"], r["dice_kept"] - r["dice_predicted"]) for seed, rows in seeds.items() for r in rows]
-        interval = crossed_bootstrap_interval([d for *_, d in pairs], [s for s, *_ in pairs], [c for _, c, _ in pairs])
-        kept = np.mean([r["dice_kept"] for rows in seeds.values() for r in rows])
-        predicted = np.mean([r["dice_predicted"] for rows in seeds.values() for r in rows])
+    results: dict = {}
+    for arm, seeds in rows_by_arm.items():
+        every = [r for rows in seeds.values() for r in rows]
+        interval = paired_interval([(seed, r["case"], r["dice_kept"] - r["dice_predicted"])
+                                    for seed, rows in seeds.items() for r in rows])
+        kept, predicted = np.mean([r["dice_kept"] for r in every]), np.mean([r["dice_predicted"] for r in every])
         print(f"{arm}: Dice {predicted:.3f} -> {kept:.3f}, kept - predicted: {verdict(interval)}")
         results[arm] = {"runs": seeds, "dice_predicted": predicted, "dice_kept": kept, "difference": interval.__dict__}
-    for arm, summary in results.items():
-        baseline = results.get(arm.rsplit("/", 1)[0] + "/baseline")
-        if baseline is None or baseline is summary:
+    for arm, seeds in rows_by_arm.items():
+        baseline = rows_by_arm.get(arm.rsplit("/", 1)[0] + "/baseline")
+        if baseline is None or baseline is seeds:
             continue
-        pairs = [(seed, r["case"], r["dice_kept"] - b["dice_kept"])
-                 for seed, rows in summary["runs"].items() if seed in baseline["runs"]
-                 for r, b in zip(rows, baseline["runs"][seed])]
-        interval = crossed_bootstrap_interval([d for *_, d in pairs], [s for s, *_ in pairs], [c for _, c, _ in pairs])
+        interval = paired_interval([(seed, r["case"], r["dice_kept"] - b["dice_kept"])
+                                    for seed, rows in seeds.items() if seed in baseline
+                                    for r, b in zip(rows, baseline[seed])])
         print(f"{arm} - baseline, both kept: {verdict(interval)}")
-        summary["minus_baseline_kept"] = interval.__dict__
+        results[arm]["minus_baseline_kept"] = interval.__dict__
     print(json.dumps(results, default=float, indent=1), file=sys.stderr)
     return results
 
