@@ -6,15 +6,18 @@
 #
 # BRAIN_DATASET: `python scripts/make_dataset.py --task brain --out DIR` (written on a machine that can fetch it).
 # DEVICE (cuda), BENCH_ARGS (scripts/benchmark.py's sizes), BASELINE_EPOCHS, BASELINE_ITERATIONS, BASELINE_SECONDS
-# and LARGE_ARGS (scripts/benchmark_large_volume.py's) shrink it for a dry run on a CPU; METHODS (default: all four)
-# chooses the benchmarks.
+# LARGE_ARGS (scripts/benchmark_large_volume.py's) and ROI_2D (the 2D benchmark's crop) shrink it for a dry run on a
+# CPU; METHODS (default: all four) chooses the 3D benchmarks.
 # Steps, most important first:
 #   1. the plan step on CUDA (selfreg bundle, brain): the settings it gives with the device's memory;
 #   2. the plain baseline trained with that plan (AMP) and its sliding-window AMP inference on the held-out ROBEX
 #      head, scored at the head's own resolution (scripts/recipe_benchmark.py);
 #   3. NCCL: the multi-GPU overlay under torchrun on one GPU (one process: NCCL refuses two ranks on one device);
-#   4. scripts/benchmark.py on CUDA for each method (96^3 crops, AMP): step time, memory and inference ratios;
-#   5. scripts/benchmark_large_volume.py with its CUDA arms.
+#   4. scripts/benchmark.py on CUDA for each method (96^3 crops, AMP): step time, memory and inference ratios (ReSeg's
+#      teacher stage, which the benchmark trains first, shortened to 10 iterations: a step costs the same whatever the
+#      teacher learnt);
+#   5. SemSim against FixMatch in 2D (issue 16's cost target): the paper's UNet at 224^2, 2 + 2 slices;
+#   6. scripts/benchmark_large_volume.py with its CUDA arms.
 set -u
 data=$(realpath "$1")
 out=$(realpath -m "$2")
@@ -77,8 +80,14 @@ step nccl 90 "$py" -m scripts.torchrun --standalone --nproc_per_node 1 -m monai.
 
 for method in ${METHODS:-selfreg segresnet_vae reseg semsim}; do
     step "benchmark_$method" 120 "$py" "$repo/scripts/benchmark.py" --method "$method" --device "$device" $bench_args \
-        --json "$out/benchmark_$method.json"
+        --extra "--iterations_per_epoch 10" --json "$out/benchmark_$method.json"
 done
+
+roi_2d=${ROI_2D:-224}
+step benchmark_semsim_2d 90 "$py" "$repo/scripts/benchmark.py" --method semsim --against fixmatch --device "$device" \
+    --roi "$roi_2d" "$roi_2d" --volume "$roi_2d" "$roi_2d" --iters 10 --warmup 3 --json "$out/benchmark_semsim_2d.json" \
+    --extra "--backbone unet --spatial_dims 2 --spacing [1.0,1.0] --orientation RA --cache_rate 0 --batch_size 2
+        --num_samples 1 --unlabeled_batch_size 2 --iterations_per_epoch 10"
 
 step large_volume 120 "$py" "$repo/scripts/benchmark_large_volume.py" --out "$out/large_volume" \
     ${LARGE_ARGS:-}
