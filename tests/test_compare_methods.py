@@ -90,6 +90,24 @@ def test_comparison_on_own_data_writes_the_paired_report_and_resumes(compare, sy
     assert benchmark.stat().st_mtime_ns == stamp
     assert json.loads((results / "summary.json").read_text())["accuracy"]["selfreg"]["paired"] == [paired]
 
+    # scripts/recipe_sweep.py: a recipe setting trained on top of the finished baseline's run, paired with it
+    sweep = load_module(REPO / "scripts" / "recipe_sweep.py", "recipe_sweep_tool")
+    swept = sweep.main(["--out", str(out), "--method", "selfreg", "--task", "synthetic", "--seeds", "1",
+                        "--arm", "lr_high=--learning_rate 0.05"])
+    root = out / "sweep" / "selfreg" / "synthetic" / "lr_high" / "seed1"
+    record = json.loads((root / "study_run.json").read_text())["overrides"]
+    baseline_record = json.loads((out / "runs" / "selfreg" / "synthetic" / "baseline" / "seed1" / "study_run.json")
+                                 .read_text())["overrides"]
+    assert record == {**baseline_record, "learning_rate": "0.05"}
+    assert "learning_rate 0.05" in (root / "train.log").read_text()  # the training-options line
+    [case] = swept["lr_high"]["dice"][1]
+    difference = swept["lr_high"]["dice"][1][case] - swept["baseline"]["dice"][1][case]
+    assert swept["lr_high"]["difference"]["mean"] == pytest.approx(difference, abs=1e-9)
+    assert json.loads((out / "sweep" / "selfreg" / "synthetic" / "sweep.json").read_text())["lr_high"]["dice"]
+    with pytest.raises(SystemExit, match="no finished baseline run"):
+        sweep.main(["--out", str(out), "--method", "selfreg", "--task", "synthetic", "--seeds", "7",
+                    "--arm", "lr_high=--learning_rate 0.05"])
+
 
 def test_bad_own_data_is_refused_before_any_training(compare, synthetic_dataset, tmp_path):
     """A folder without dataset.json/imagesTr, and a dataset whose test label is missing: refused with the file
