@@ -5,7 +5,8 @@ For every finished baseline run of ``scripts/compare_methods.py`` under ``--out`
 the arm's overrides on top of the baseline's (the same plan, data, budget and seed: paired), segments and scores
 the held-out cases as the comparison does (``comparison_runs.execute``), and prints per arm its held-out Dice over
 seeds and its paired difference from the baseline, with the bootstrap 95 % interval of ``scripts/paired_stats.py``.
-Runs go to ``<out>/sweep/<method>/<task>/<arm>/seed<N>``; finished ones are reused, so a rerun resumes.
+Runs go to ``<out>/sweep/<method>/<task>/<arm>/seed<N>``; finished ones are reused, so a rerun resumes. Every
+invocation adds its arms to ``<out>/sweep/<method>/<task>/sweep.json``.
 
     python scripts/recipe_sweep.py --out /tmp/cmp --method segresnet_vae --task brain --seeds 0 1 2 \\
         --arm "lr_5e-3=--learning_rate 5e-3" --arm "adamw=--optimizer#_target_ torch.optim.AdamW"
@@ -83,7 +84,14 @@ def main(argv: list[str] | None = None) -> dict:
               f"{verdict(interval)}")
         results[name] = {"dice": dice, "difference": interval.__dict__,
                          "train_s": [records[run]["train_s"] for run in runs if run.arm == name]}
-    (args.out / "sweep" / method.name / args.task / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
+    summary = args.out / "sweep" / method.name / args.task / "sweep.json"
+    merged = json.loads(summary.read_text()) if summary.is_file() else {}  # arms of earlier invocations stay
+    for name, entry in json.loads(json.dumps(results)).items():  # seeds as JSON writes them, strings
+        if name == args.against and name in merged:
+            merged[name]["dice"].update(entry["dice"])
+        else:
+            merged[name] = entry
+    summary.write_text(json.dumps(merged, indent=2) + "\n")
     return results
 
 
