@@ -24,7 +24,7 @@ import torch
 from monai.transforms import KeepLargestConnectedComponent
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paired_stats import Interval, crossed_bootstrap_interval, verdict  # noqa: E402
+from paired_stats import paired_interval, verdict  # noqa: E402
 from recipe_benchmark import case_name, dice_scores, find_prediction, hd95_scores, load_segmentation  # noqa: E402
 
 
@@ -51,12 +51,6 @@ def rescore(run: Path, labels: dict[str, Path], keep: KeepLargestConnectedCompon
         row["voxels_removed"] = int((prediction != kept).sum())
         rows.append(row)
     return rows
-
-
-def paired_interval(pairs: list[tuple[str, str, float]]) -> Interval:
-    """The crossed bootstrap interval of ``(seed, case, difference)`` triples."""
-    seeds, cases, differences = zip(*pairs)
-    return crossed_bootstrap_interval(differences, seeds, cases)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -106,3 +106,9 @@ def verdict(interval: Interval, places: int = 3) -> str:
         return f"{NO_EFFECT} (mean {interval.mean:+.{places}f}, {ci})"
     direction = "better" if interval.low > 0 else "worse"
     return f"{direction} by {abs(interval.mean):.{places}f} ({ci})"
+
+
+def paired_interval(pairs: Sequence[tuple[object, object, float]]) -> Interval:
+    """:func:`crossed_bootstrap_interval` of ``(seed, case, difference)`` triples."""
+    seeds, cases, differences = zip(*pairs)
+    return crossed_bootstrap_interval(differences, seeds, cases)

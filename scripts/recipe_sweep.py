@@ -26,7 +26,7 @@ import accuracy_study  # noqa: E402
 import comparison_runs  # noqa: E402
 import method_registry  # noqa: E402
 from accuracy_study import Run  # noqa: E402
-from paired_stats import crossed_bootstrap_interval, verdict  # noqa: E402
+from paired_stats import paired_interval, verdict  # noqa: E402
 
 
 def baseline_record(root: Path) -> tuple[dict[str, str], list[dict]]:
@@ -37,6 +37,11 @@ def baseline_record(root: Path) -> tuple[dict[str, str], list[dict]]:
                          "with the same --out, --method, --task and --seeds first")
     overrides = json.loads((root / accuracy_study.RUN_RECORD).read_text())["overrides"]
     return overrides, json.loads(scores.read_text())
+
+
+def dice_by_case(cases: list[dict]) -> dict[str, float]:
+    """A run's scored held-out cases (``comparison_runs.case_row``) as ``{case: mean foreground Dice}``."""
+    return {c["case"]: c["dice"]["mean"] for c in cases}
 
 
 def parse_arm(text: str) -> tuple[str, dict[str, str]]:
@@ -68,22 +73,20 @@ def main(argv: list[str] | None = None) -> dict:
     records = comparison_runs.run_all([(method, run) for run in runs], {(method.name, args.task): dataset},
                                       args.parallel)
 
-    baseline_dice = {seed: {c["case"]: c["dice"]["mean"] for c in cases} for seed, (_, cases) in baselines.items()}
+    baseline_dice = {seed: dice_by_case(cases) for seed, (_, cases) in baselines.items()}
     every = [d for cases in baseline_dice.values() for d in cases.values()]
     print(f"{method.name} / {args.task} / {args.against}: held-out Dice {np.mean(every):.3f} ± {np.std(every):.3f}")
     results: dict = {args.against: {"dice": baseline_dice}}
     for name, _ in args.arm:
-        dice = {run.seed: {c["case"]: c["dice"]["mean"] for c in records[run]["cases"]}
-                for run in runs if run.arm == name}
-        pairs = [(seed, case, value - baseline_dice[seed][case]) for seed, cases in dice.items()
-                 for case, value in cases.items()]
-        seeds, cases, differences = zip(*pairs)
-        interval = crossed_bootstrap_interval(differences, seeds, cases)
+        arm_runs = [run for run in runs if run.arm == name]
+        dice = {run.seed: dice_by_case(records[run]["cases"]) for run in arm_runs}
+        interval = paired_interval([(seed, case, value - baseline_dice[seed][case]) for seed, cases in dice.items()
+                                    for case, value in cases.items()])
         values = [d for cases in dice.values() for d in cases.values()]
         print(f"{name}: held-out Dice {np.mean(values):.3f} ± {np.std(values):.3f}; {name} − {args.against}: "
               f"{verdict(interval)}")
         results[name] = {"dice": dice, "difference": interval.__dict__,
-                         "train_s": [records[run]["train_s"] for run in runs if run.arm == name]}
+                         "train_s": [records[run]["train_s"] for run in arm_runs]}
     summary = args.out / "sweep" / method.name / args.task / "sweep.json"
     merged = json.loads(summary.read_text()) if summary.is_file() else {}  # arms of earlier invocations stay
     for name, entry in json.loads(json.dumps(results)).items():  # seeds as JSON writes them, strings
