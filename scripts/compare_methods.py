@@ -150,10 +150,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--parallel", type=accuracy_study.positive_int, help="runs at once (default: the profile's)")
     parser.add_argument("--estimate", action="store_true",
                         help="check the data, plan, print the runs and their estimated time, and stop")
-    parser.add_argument("--out", type=Path, help="plans, runs and benchmarks (default "
-                                                  "study_output/comparison_<profile>)")
+    parser.add_argument("--out", type=Path,
+                        help="plans, runs and benchmarks (default study_output/comparison_<profile>)")
     parser.add_argument("--results", type=Path,
-                        help="where the report goes (default docs/results; with --dataset_dir, <out>/report)")
+                        help="where the report goes (default docs/results, docs/results/<method>_<task> for one method "
+                             "on one task; with --dataset_dir, <out>/report)")
     parser.add_argument("--readme", type=Path,
                         help=f"README whose {README_START} ... {README_END} block gets the headline table "
                              "(default the repository's, none with --dataset_dir; a README without the markers is "
@@ -173,9 +174,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.out = (args.out or REPO / "study_output" / f"comparison_{args.profile_name}").resolve()
     # The repository's report and README hold the built-in tasks' numbers: a comparison on other data leaves them.
     own = args.dataset_dir is not None
-    args.results = (args.results or (args.out / "report" if own else REPO / "docs" / "results")).resolve()
+    args.results = (args.results or (args.out / "report" if own else default_results(args))).resolve()
     args.readme = args.readme or (None if own else REPO / "README.md")
     return args
+
+
+def default_results(args: argparse.Namespace) -> Path:
+    """docs/results for the whole registry; docs/results/<method>_<task> for one method on one task, so that a
+    partial invocation (some seeds, on one core) never writes over the registry-wide report."""
+    pairs = [(m.name, task) for m in args.methods for task in (args.task or m.tasks)]
+    return REPO / "docs" / "results" / ("_".join(pairs[0]) if len(pairs) == 1 else "")
 
 
 def method_tasks(method: Method, args: argparse.Namespace) -> list[str]:
@@ -530,6 +538,33 @@ def run_minutes(studies: dict[str, dict]) -> float:
     return sum((r["train_s"] or 0) + (r["infer_s"] or 0) for report in studies.values() for r in report["runs"]) / 60
 
 
+def runs_span(studies: dict[str, dict]) -> tuple[float, int] | None:
+    """Seconds from the first run's start to the last run's end, and the most runs that overlapped, from the clock
+    times every run recorded; ``None`` when a run has none (recorded before 0.6.3). Unlike one invocation's wall
+    time this also holds when the seeds were split over several invocations, one per core."""
+    runs = [r for report in studies.values() for r in report["runs"]]
+    if not runs or any(r.get("started") is None or r.get("finished") is None for r in runs):
+        return None
+    # a start sorts after an end at the same instant, so back-to-back runs do not count as overlapping
+    events = sorted([(r["started"], 1) for r in runs] + [(r["finished"], -1) for r in runs])
+    running, most = 0, 0
+    for _, change in events:
+        running += change
+        most = max(most, running)
+    return max(r["finished"] for r in runs) - min(r["started"] for r in runs), most
+
+
+def wall_time_line(studies: dict[str, dict], costs: dict[str, dict], runs_wall_s: float, parallel: int,
+                   wall_s: float) -> str:
+    span = runs_span(studies)
+    runs = (f"{span[0] / 60:.0f} min for the runs, from the first's start to the last's end "
+            f"({run_minutes(studies):.0f} min summed over them, at most {span[1]} at a time)" if span else
+            f"{runs_wall_s / 60:.0f} min for the runs ({run_minutes(studies):.0f} min summed over them, "
+            f"{parallel} at a time)")
+    return (f"- Wall time: {runs}, {benchmark_minutes(costs):.0f} min of benchmarks; this invocation "
+            f"{wall_s / 60:.1f} min (finished runs and benchmarks are reused, not re-timed).")
+
+
 def benchmark_minutes(costs: dict[str, dict]) -> float:
     return sum(cost["wall_s"] for cost in costs.values()) / 60
 
@@ -567,9 +602,7 @@ def report_text(args: argparse.Namespace, studies: dict[str, dict], costs: dict[
         "the plan step's settings (`configs/plan.json`), which are:",
         *plan_lines(studies),
         *([f"  {p.caveat}"] if p.caveat else []),
-        f"- Wall time: {runs_wall_s / 60:.0f} min for the runs ({run_minutes(studies):.0f} min summed over them, "
-        f"{p.parallel} at a time), {benchmark_minutes(costs):.0f} min of benchmarks; this invocation "
-        f"{wall_s / 60:.1f} min (finished runs and benchmarks are reused, not re-timed).",
+        wall_time_line(studies, costs, runs_wall_s, p.parallel, wall_s),
         "",
         "## Baseline against its target (held-out mean Dice, mean ± std over seeds)",
         "",
@@ -696,6 +729,7 @@ def build_study(method: Method, args: argparse.Namespace, datasets: dict, plans:
         "runs": [{"task": run.task, "arm": run.arm, "seed": run.seed, "bundle_root": str(run.root),
                   "overrides": run.overrides, "resumed": records[run]["resumed"], "train_s": records[run]["train_s"],
                   "infer_s": records[run]["infer_s"], "load_average_1min": records[run].get("load_average_1min", []),
+                  "started": records[run].get("started"), "finished": records[run].get("finished"),
                   "cases": records[run]["cases"]} for run in runs],
         "aggregates": {task: {arm: accuracy_study.aggregate_arm(by_arm[task][arm], classes[task]) for arm in arms}
                        for task in tasks},

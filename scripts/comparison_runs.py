@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -217,6 +218,8 @@ def execute(method: Method, run: Run, dataset: dict, env: dict[str, str]) -> dic
     train = accuracy_study.bundle_command(method.training.configs, run, method.training.run_id)
     # sampled at each step's start and end, so the report gives the load the runs' times were measured under
     record["load_average_1min"] = [os.getloadavg()[0]]
+    # clock times, so that a report over runs of several invocations (seeds split across cores) gives their span
+    record["started"] = time.time()
     record["train_s"] = accuracy_study.run_step(train, method.bundle_dir, env, run.root / "train.log")
     record["load_average_1min"].append(os.getloadavg()[0])
     predictions = run.root / "predictions"
@@ -226,6 +229,7 @@ def execute(method: Method, run: Run, dataset: dict, env: dict[str, str]) -> dic
                                             datalist=images)
     record["infer_s"] = accuracy_study.run_step(command, method.bundle_dir, env, run.root / "inference.log")
     record["load_average_1min"].append(os.getloadavg()[0])
+    record["finished"] = time.time()
     cases = score_run(predictions, dataset["test"], dataset["classes"])
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     scores_path.write_text(json.dumps(accuracy_study.json_safe(cases), indent=2) + "\n")  # last: marks it done

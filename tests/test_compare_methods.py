@@ -48,6 +48,7 @@ def test_comparison_on_own_data_writes_the_paired_report_and_resumes(compare, sy
         assert record["overrides"]["plan_file"].endswith("plans/selfreg/synthetic/models/plan.json")
         assert record["overrides"]["roi_size"] == "[24,24,24]" != str(plan["settings"]["roi_size"])
         assert len(record["load_average_1min"]) == 3 and min(record["load_average_1min"]) >= 0  # steps' ends
+        assert record["started"] + record["train_s"] + record["infer_s"] <= record["finished"]
         [prediction] = (root / "predictions").rglob("*_seg.nii.gz")
         assert nib.load(prediction).shape == nib.load(next((synthetic_dataset / "labelsTs").glob("*"))).shape
 
@@ -78,6 +79,8 @@ def test_comparison_on_own_data_writes_the_paired_report_and_resumes(compare, sy
     assert "95 % CI" in report and "`baseline` " in report and "target ≥ 0.50" in report
     assert "--dataset_dir" in report and "your data" in report
     assert "while the runs were timed (14 samples" in report  # start, end and 3 per run
+    assert re.search(r"- Wall time: \d+ min for the runs, from the first's start to the last's end \(\d+ min summed "
+                     r"over them, at most [12] at a time\)", report)
     for png in ("dice.png", "validation_curves.png", "overlay_selfreg_synthetic.png"):
         assert (results / png).read_bytes()[:8] == PNG_MAGIC and f"]({png})" in report
     top = readme.read_text()
@@ -161,6 +164,24 @@ def test_crossed_interval_resamples_seeds_and_cases(paired_stats):
         paired_stats.crossed_bootstrap_interval([0.1, 0.2], [0, 0], ["a", "a"])
 
 
+def test_wall_time_spans_the_runs_of_every_invocation(compare):
+    """Seeds split over two invocations (one per core) and reported by a third that ran nothing: the runs' wall
+    time is their clock span and the overlap counted, not the reporting invocation's own time."""
+    def study(*intervals):
+        return {"runs": [{"started": a, "finished": b, "train_s": b - a, "infer_s": 0} for a, b in intervals]}
+
+    split = {"m": study((0, 600), (600, 1200)), "n": study((30, 630), (630, 1260))}  # two cores, two runs each
+    assert compare.runs_span(split) == (1260, 2)
+    assert compare.runs_span({"m": study((0, 600), (600, 1200))}) == (1200, 1)  # back to back: one at a time
+    line = compare.wall_time_line(split, {}, runs_wall_s=0.0, parallel=1, wall_s=6.0)
+    assert line.startswith("- Wall time: 21 min for the runs, from the first's start to the last's end (40 min "
+                           "summed over them, at most 2 at a time)")
+    older = {"m": {"runs": [{"started": None, "finished": None, "train_s": 600, "infer_s": 0}]}}
+    assert compare.runs_span(older) is None  # recorded before the clock times: the invocation's own time
+    assert "- Wall time: 10 min for the runs (10 min summed over them, 1 at a time)" in compare.wall_time_line(
+        older, {}, runs_wall_s=600.0, parallel=1, wall_s=6.0)
+
+
 def test_validation_curve_reads_the_logged_epochs(compare, tmp_path):
     log = tmp_path / "train.log"
     log.write_text(
@@ -203,6 +224,13 @@ def test_readme_block_gathers_the_reports_of_several_invocations(compare, tmp_pa
     update("SemSim", "brain", "0.7", "results")  # SelfReg's report overwritten: its row goes
     assert rows() == ["| ReSeg | brain | 0.9 | 0.91 | v |", "| SemSim | brain | 0.9 | 0.7 | v |"]
     assert "SelfReg" not in readme.read_text()
+
+
+def test_one_method_on_one_task_reports_in_its_own_folder(compare):
+    results = compare.REPO / "docs" / "results"
+    assert compare.parse_args(["--method", "semsim", "--task", "brain"]).results == (results / "semsim_brain").resolve()
+    assert compare.parse_args(["--method", "selfreg", "--task", "brain", "--task", "tissue"]).results == results
+    assert compare.parse_args([]).results == results
 
 
 def test_method_is_compared_with_its_registry_arm(compare):
