@@ -118,6 +118,18 @@ CACHE_CASES = {
 }
 
 
+def test_processes_on_one_node_share_the_memory_cache(synthetic_dataset, tmp_path):
+    """Every torchrun process holds its own memory cache: a dataset that fits one process's share of the host goes to
+    the shared disk cache when four processes train on the node (1.5 MiB of cases, 2 MiB of the host's memory
+    share)."""
+    limits = {"host_memory_gb": 0.004, "disk_free_gb": 1.0}
+    alone = run_plan(synthetic_dataset, tmp_path / "one", **limits)
+    assert alone["settings"]["cache"] == "memory" and alone["fingerprint"]["device"]["processes_per_node"] == 1
+    four = run_plan(synthetic_dataset, tmp_path / "four", processes_per_node=4, **limits)
+    assert four["settings"]["cache"] == "disk" and four["fingerprint"]["device"]["processes_per_node"] == 4
+    assert "shared by 4 processes per node" in four["why"]["cache"]
+
+
 # Training runs on 2 of the training cases and 1 validation case (the plan sees them all).
 FEW_CASES = {
     "train#dataset#data": "$@data_split['training'][:2]",

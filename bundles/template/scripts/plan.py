@@ -458,6 +458,7 @@ def cache_settings(
     disk_free_gb: float | None = None,
     cache_dir: str = ".",
     unlabeled_images: int = 0,
+    processes_per_node: int = 1,
 ) -> tuple[dict, dict]:
     """How train.json caches the cases (``scripts/caching.py``): ``{"cache": "memory"|"disk"|"none",
     "cache_rate", "cache_gb"}`` and why. The size of every labelled case at the planned spacing and crop
@@ -466,17 +467,21 @@ def cache_settings(
     disk under ``cache_dir`` (``disk_free_gb``, else measured): all in memory; else all on disk; else the share
     that fits in memory (a fitted ``cache_rate``); else no cache (every case read from its files every epoch).
     ``unlabeled_images``: how many unlabelled images a semi-supervised bundle caches at the same rate; each counts
-    as the mean case without its label."""
+    as the mean case without its label. ``processes_per_node``: the training processes that share the host (one per
+    GPU under torchrun); each holds its own memory cache of every case, so the memory share is divided among them,
+    while the disk cache is one folder that they share."""
     sizes = [_cached_bytes(c, settings["spacing"], settings["roi_size"], fp["channels"]) for c in fp["cases"]]
     mean = sum(sizes) // len(sizes)
     # a datalist's own 'validation' cases are cached too, each taken as large as the mean training case
     extra = len(_read(fp["datalist"]).get("validation") or [])
     sizes += [mean] * extra + [mean * fp["channels"] // (fp["channels"] + 1)] * unlabeled_images
     total = sum(sizes)
-    memory = (host_memory_gb * 2**30 if host_memory_gb is not None else host_available_memory()) * CACHE_MEMORY_SHARE
+    available = host_memory_gb * 2**30 if host_memory_gb is not None else host_available_memory()
+    memory = available * CACHE_MEMORY_SHARE / processes_per_node
     disk = (disk_free_gb * 2**30 if disk_free_gb is not None else _free_disk(cache_dir)) * CACHE_DISK_SHARE
     gb = round(total / 2**30, 6)
-    budget = f"{memory / 2**30:.3g} GB of memory ({CACHE_MEMORY_SHARE:g} of the available)"
+    budget = f"{memory / 2**30:.3g} GB of memory ({CACHE_MEMORY_SHARE:g} of the available"
+    budget += f", shared by {processes_per_node} processes per node)" if processes_per_node > 1 else ")"
     if total <= memory:
         cache, rate, why = "memory", 1.0, f"the {len(sizes)} cases ({gb} GB at the planned spacing) fit {budget}"
     elif total <= disk:
@@ -508,12 +513,15 @@ def write_plan(
     disk_free_gb: float | None = None,
     cache_dir: str = ".",
     unlabeled_dir: str | None = None,
+    processes_per_node: int | None = None,
 ) -> dict:
     """Fingerprint the dataset, choose the settings and the cache (:func:`cache_settings`: ``host_memory_gb``,
     ``disk_free_gb`` override what is measured) and write them to ``plan_file`` (atomically; refused inside the
     dataset folder or the datalist's folder). Returns the plan. ``unlabeled_dir``: a semi-supervised bundle's
     folder of unlabelled images; its unlabelled images (``scripts.data.semi_supervised_split``) are cached beside
-    the labelled cases and counted in the cache's size (None: a supervised bundle, none cached)."""
+    the labelled cases and counted in the cache's size (None: a supervised bundle, none cached).
+    ``processes_per_node``: the training processes per host (:func:`cache_settings`); default one per visible GPU
+    when planning for CUDA, else one. Recorded in the fingerprint's ``device``."""
     for folder in {dataset_dir, os.path.dirname(os.path.abspath(datalist))}:
         if _inside(plan_file, folder):
             raise PlanError(
@@ -525,7 +533,14 @@ def write_plan(
     unlabeled = []
     if unlabeled_dir is not None:
         unlabeled = semi_supervised_split(datalist, dataset_dir, unlabeled_dir=unlabeled_dir)["unlabeled"]
-    cache, cache_why = cache_settings(fp, settings, host_memory_gb, disk_free_gb, cache_dir, len(unlabeled))
+    if processes_per_node is None:
+        processes_per_node = max(1, torch.cuda.device_count()) if fp["device"]["kind"] == "cuda" else 1
+    if processes_per_node < 1:
+        raise PlanError(f"processes_per_node {processes_per_node}: give the training processes per node, 1 or more")
+    fp["device"]["processes_per_node"] = processes_per_node
+    cache, cache_why = cache_settings(
+        fp, settings, host_memory_gb, disk_free_gb, cache_dir, len(unlabeled), processes_per_node
+    )
     settings.update(cache)
     why.update(cache_why)
     logger.info(f"plan: cache {cache['cache']}, cache_rate {cache['cache_rate']}: {cache_why['cache']}")
