@@ -148,6 +148,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=accuracy_study.positive_int, help="epochs per run (default: the profile's)")
     parser.add_argument("--seeds", nargs="+", type=int, help="seeds, the same for every arm (default: the profile's)")
     parser.add_argument("--parallel", type=accuracy_study.positive_int, help="runs at once (default: the profile's)")
+    parser.add_argument("--extra", default="",
+                        help="bundle overrides for every run and the benchmark, after the profile's (e.g. "
+                             "\"--unlabeled_batch_size 1\"); they are in the report's budget line")
     parser.add_argument("--estimate", action="store_true",
                         help="check the data, plan, print the runs and their estimated time, and stop")
     parser.add_argument("--out", type=Path,
@@ -165,6 +168,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     profile = PROFILES[args.profile]
     args.profile_name = args.profile
     args.profile = Profile(**{**vars(profile), "epochs": args.epochs or profile.epochs,
+                              "extra": f"{profile.extra} {args.extra}".strip(),
                               "seeds": tuple(args.seeds or profile.seeds),
                               "parallel": args.parallel or profile.parallel})
     if len(set(args.profile.seeds)) != len(args.profile.seeds):
@@ -252,7 +256,7 @@ def run_benchmark(method: Method, args: argparse.Namespace) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--method", method.name,
                    "--against", method.compare_against, *args.profile.benchmark,
-                   "--json", str(path.with_suffix(".partial"))]
+                   *(["--extra", args.extra] if args.extra else []), "--json", str(path.with_suffix(".partial"))]
         print(f"benchmark {method.name}: {shlex.join(command)}", flush=True)
         with (path.parent / f"{method.name}.log").open("w") as log:
             code = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -578,6 +582,8 @@ def command_line(args: argparse.Namespace) -> str:
         words += ["--dataset_dir", str(args.dataset_dir)]
     if args.target is not None:
         words += ["--target", str(args.target)]
+    if args.extra:
+        words += ["--extra", args.extra]
     for method in (args.methods if len(args.methods) < len(METHODS) else []):
         words += ["--method", method.name]
     return shlex.join(words)

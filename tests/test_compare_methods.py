@@ -233,6 +233,17 @@ def test_one_method_on_one_task_reports_in_its_own_folder(compare):
     assert compare.parse_args([]).results == results
 
 
+def test_extra_overrides_follow_the_profiles(compare, tmp_path):
+    """--extra: every run's overrides after the profile's and before the arm's, and the report's command line."""
+    args = compare.parse_args(["--profile", "cpu", "--method", "semsim", "--task", "brain", "--extra",
+                               "--unlabeled_batch_size 1 --num_workers 2", "--out", str(tmp_path)])
+    assert args.profile.extra == "--num_workers 0 --unlabeled_batch_size 1 --num_workers 2"
+    overrides = compare.run_overrides(args, "--intra_weight 0", 3, tmp_path / "plan.json", {"datalist": "d.json"})
+    assert overrides["unlabeled_batch_size"] == "1" and overrides["num_workers"] == "2"  # the later one wins
+    assert overrides["intra_weight"] == "0" and overrides["seed"] == "3"
+    assert "--extra '--unlabeled_batch_size 1 --num_workers 2'" in compare.command_line(args)
+
+
 def test_method_is_compared_with_its_registry_arm(compare):
     """SemSim is compared with FixMatch: besides every arm − supervised, semsim − fixmatch, paired by seed and case."""
     def run(arm, seed, dice):
