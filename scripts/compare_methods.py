@@ -27,6 +27,7 @@ half-finished training resumes from its checkpoint.
     python scripts/compare_methods.py --profile cpu --method selfreg --task brain   # 5 seeds, ~80 min on 2 cores
     python scripts/compare_methods.py --profile gpu                     # the plan's CUDA settings, one GPU
     python scripts/compare_methods.py --dataset_dir DATA --method selfreg --target 0.8   # your data (MSD or JSON)
+    python scripts/compare_methods.py --profile cpu --method semsim --task brain --extra "--unlabeled_batch_size 1"
 """
 
 from __future__ import annotations
