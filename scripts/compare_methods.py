@@ -187,7 +187,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def default_results(args: argparse.Namespace) -> Path:
     """docs/results for the whole registry; docs/results/<method>_<task> for one method on one task, so that a
     partial invocation (some seeds, on one core) never writes over the registry-wide report."""
-    pairs = [(m.name, task) for m in args.methods for task in (args.task or m.tasks)]
+    pairs = [(m.name, task) for m in args.methods for task in method_tasks(m, args)]
     return REPO / "docs" / "results" / ("_".join(pairs[0]) if len(pairs) == 1 else "")
 
 
@@ -561,11 +561,10 @@ def runs_span(studies: dict[str, dict]) -> tuple[float, int] | None:
 
 def wall_time_line(studies: dict[str, dict], costs: dict[str, dict], runs_wall_s: float, parallel: int,
                    wall_s: float) -> str:
-    span = runs_span(studies)
-    runs = (f"{span[0] / 60:.0f} min for the runs, from the first's start to the last's end "
-            f"({run_minutes(studies):.0f} min summed over them, at most {span[1]} at a time)" if span else
-            f"{runs_wall_s / 60:.0f} min for the runs ({run_minutes(studies):.0f} min summed over them, "
-            f"{parallel} at a time)")
+    span, summed = runs_span(studies), run_minutes(studies)
+    runs = (f"{span[0] / 60:.0f} min for the runs, from the first's start to the last's end ({summed:.0f} min summed "
+            f"over them, at most {span[1]} at a time)" if span else
+            f"{runs_wall_s / 60:.0f} min for the runs ({summed:.0f} min summed over them, {parallel} at a time)")
     return (f"- Wall time: {runs}, {benchmark_minutes(costs):.0f} min of benchmarks; this invocation "
             f"{wall_s / 60:.1f} min (finished runs and benchmarks are reused, not re-timed).")
 
