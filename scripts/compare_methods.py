@@ -28,6 +28,8 @@ half-finished training resumes from its checkpoint.
     python scripts/compare_methods.py --profile gpu                     # the plan's CUDA settings, one GPU
     python scripts/compare_methods.py --dataset_dir DATA --method selfreg --target 0.8   # your data (MSD or JSON)
     python scripts/compare_methods.py --profile cpu --method semsim --task brain --extra "--unlabeled_batch_size 1"
+    python scripts/compare_methods.py --profile cpu --method segresnet_vae --task brain --seeds 2 --arm baseline
+        # one arm's runs only (the baselines scripts/recipe_sweep.py trains on top of), no report
 """
 
 from __future__ import annotations
@@ -152,6 +154,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--extra", default="",
                         help="bundle overrides for every run and the benchmark, after the profile's (e.g. "
                              "\"--unlabeled_batch_size 1\"); they are in the report's budget line")
+    parser.add_argument("--arm", action="append",
+                        help="train only this arm's runs (repeat) and stop before the benchmark and the report, "
+                             "which need every arm: e.g. the baselines that scripts/recipe_sweep.py adds arms to")
     parser.add_argument("--estimate", action="store_true",
                         help="check the data, plan, print the runs and their estimated time, and stop")
     parser.add_argument("--out", type=Path,
@@ -174,6 +179,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                               "parallel": args.parallel or profile.parallel})
     if len(set(args.profile.seeds)) != len(args.profile.seeds):
         parser.error(f"--seeds repeats a value (two runs would share a folder): {list(args.profile.seeds)}")
+    unknown = sorted(set(args.arm or ()) - {arm for m in args.methods for arm in m.arms})
+    if unknown:
+        parser.error(f"--arm {unknown}: not an arm of {[m.name for m in args.methods]}; their arms: "
+                     f"{sorted({arm for m in args.methods for arm in m.arms})}")
     if args.target is not None and args.dataset_dir is None:
         parser.error("--target is for --dataset_dir; the built-in tasks take their targets from the registry")
     args.out = (args.out or REPO / "study_output" / f"comparison_{args.profile_name}").resolve()
@@ -247,7 +256,7 @@ def plan_runs(method: Method, task: str, plan_file: Path, dataset: dict, args: a
     """The runs of one method and task, the arms of one seed neighbours (side by side under the same load)."""
     return [Run(task, arm, seed, args.out / "runs" / method.name / task / arm / f"seed{seed}", Path(dataset["path"]),
                 run_overrides(args, overrides, seed, plan_file, dataset))
-            for seed in args.profile.seeds for arm, overrides in method.arms.items()]
+            for seed in args.profile.seeds for arm, overrides in method.arms.items() if arm in (args.arm or method.arms)]
 
 
 def run_benchmark(method: Method, args: argparse.Namespace) -> dict:
@@ -784,6 +793,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     runs_start = time.perf_counter()
     records = comparison_runs.run_all(jobs, datasets, p.parallel)
     runs_wall_s = time.perf_counter() - runs_start
+    if args.arm:
+        print(f"trained {len(jobs)} run(s) of the arm(s) {args.arm} under {args.out / 'runs'}; no report (it needs "
+              "every arm: run again without --arm, which keeps these runs)")
+        return
     earlier = args.results / "summary.json"
     if ran_none and earlier.is_file():
         # Only the report is rewritten: the wall time and the machine's load of the invocation that ran the runs

@@ -35,9 +35,15 @@ def test_comparison_on_own_data_writes_the_paired_report_and_resumes(compare, sy
     results, out = tmp_path / "results", tmp_path / "out"
     argv = ["--profile", "smoke", "--dataset_dir", str(synthetic_dataset), "--method", "selfreg", "--seeds", "0", "1",
             "--target", "0.5", "--out", str(out), "--results", str(results), "--readme", str(readme)]
+    compare.main([*argv, "--arm", "baseline"])  # one arm first (recipe_sweep.py's baselines): its runs, no report
+    printed = capsys.readouterr().out
+    assert "2 runs (1 method(s) x their tasks x arms x 2 seeds)" in printed and "no report" in printed
+    assert sorted(p.parent.name for p in (out / "runs").rglob("scores.json")) == ["seed0", "seed1"]
+    assert not (out / "runs" / "selfreg" / "synthetic" / "selfreg").exists() and not results.exists()
     compare.main(argv)
     printed = capsys.readouterr().out
     assert "4 runs (1 method(s) x their tasks x arms x 2 seeds) of 1 epochs" in printed and "estimated" in printed
+    assert printed.count("done earlier, skipped") == 2  # the baseline's runs are kept
 
     plan = json.loads((out / "plans" / "selfreg" / "synthetic" / "models" / "plan.json").read_text())
     roots = sorted((out / "runs" / "selfreg" / "synthetic").glob("*/seed*"))
@@ -107,6 +113,9 @@ def test_comparison_on_own_data_writes_the_paired_report_and_resumes(compare, sy
     difference = swept["lr_high"]["dice"][1][case] - swept["baseline"]["dice"][1][case]
     assert swept["lr_high"]["difference"]["mean"] == pytest.approx(difference, abs=1e-9)
     assert json.loads((out / "sweep" / "selfreg" / "synthetic" / "sweep.json").read_text())["lr_high"]["dice"]
+    with pytest.raises(SystemExit):
+        compare.main([*argv, "--arm", "vae"])
+    assert "--arm ['vae']: not an arm of ['selfreg']; their arms: ['baseline', 'selfreg']" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no finished baseline run"):
         sweep.main(["--out", str(out), "--method", "selfreg", "--task", "synthetic", "--seeds", "7",
                     "--arm", "lr_high=--learning_rate 0.05"])
