@@ -253,10 +253,12 @@ def run_overrides(args: argparse.Namespace, arm_overrides: str, seed: int, plan_
 
 
 def plan_runs(method: Method, task: str, plan_file: Path, dataset: dict, args: argparse.Namespace) -> list[Run]:
-    """The runs of one method and task, the arms of one seed neighbours (side by side under the same load)."""
+    """The runs of one method and task (only the arms of --arm when given), the arms of one seed neighbours (side by
+    side under the same load)."""
+    arms = {arm: overrides for arm, overrides in method.arms.items() if arm in (args.arm or method.arms)}
     return [Run(task, arm, seed, args.out / "runs" / method.name / task / arm / f"seed{seed}", Path(dataset["path"]),
                 run_overrides(args, overrides, seed, plan_file, dataset))
-            for seed in args.profile.seeds for arm, overrides in method.arms.items() if arm in (args.arm or method.arms)]
+            for seed in args.profile.seeds for arm, overrides in arms.items()]
 
 
 def run_benchmark(method: Method, args: argparse.Namespace) -> dict:
