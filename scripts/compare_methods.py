@@ -179,10 +179,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                               "parallel": args.parallel or profile.parallel})
     if len(set(args.profile.seeds)) != len(args.profile.seeds):
         parser.error(f"--seeds repeats a value (two runs would share a folder): {list(args.profile.seeds)}")
-    unknown = sorted(set(args.arm or ()) - {arm for m in args.methods for arm in m.arms})
+    known_arms = {arm for m in args.methods for arm in m.arms}
+    unknown = sorted(set(args.arm or ()) - known_arms)
     if unknown:
         parser.error(f"--arm {unknown}: not an arm of {[m.name for m in args.methods]}; their arms: "
-                     f"{sorted({arm for m in args.methods for arm in m.arms})}")
+                     f"{sorted(known_arms)}")
     if args.target is not None and args.dataset_dir is None:
         parser.error("--target is for --dataset_dir; the built-in tasks take their targets from the registry")
     args.out = (args.out or REPO / "study_output" / f"comparison_{args.profile_name}").resolve()
