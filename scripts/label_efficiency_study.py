@@ -15,12 +15,17 @@ held-out volume, scored at its own 1 mm grid), and reports per K:
   that of one supervised run N epochs long: whether the budget brings supervised-only to a plateau.
 
 It writes ``results.json``, ``results.md`` and ``validation_curves.png`` under ``--out`` and prints the markdown.
-Runs are independent processes (``--parallel`` at once, ``OMP_NUM_THREADS`` = cores // parallel); a finished run
-(its ``recipe_benchmark.json``) is kept and not retrained, so an interrupted study resumes.
+``--variant NAME=OVERRIDES`` adds an arm: SemSim with OVERRIDES on top (say ``ema=--ema_decay 0.99``), reported
+against ``semsim`` and ``supervised`` with the same paired intervals; ``--arms`` trains only the arms it names (the
+report covers every finished run). Runs are independent processes (``--parallel`` at once, ``OMP_NUM_THREADS`` =
+cores // parallel); a finished run (its ``recipe_benchmark.json``) is kept and not retrained, so an interrupted study
+resumes.
 
     python scripts/label_efficiency_study.py --labeled 1 3 --seeds 0 1 2 3 4 --plateau-epochs 24   # hours on 2 cores
     python scripts/label_efficiency_study.py --task synthetic2d --labeled 2 --seeds 0 1 --epochs 1 \\
         --extra "--iterations_per_epoch 2 --roi_size [32,32]"                                        # smoke test
+    python scripts/label_efficiency_study.py --labeled 1 --arms supervised semsim ema \\
+        --variant "ema=--ema_decay 0.99"                                              # an option against SemSim
 """
 
 from __future__ import annotations
@@ -68,6 +73,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plateau-epochs", type=int, default=0,
                         help="also train one supervised run (the first seed) this many epochs per K (0: none)")
     parser.add_argument("--extra", default="", help="bundle CLI overrides for every run, over the protocol's")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES",
+                        help="an extra arm: SemSim's overrides plus OVERRIDES (repeatable)")
+    parser.add_argument("--arms", nargs="+", help="train only these arms (default: the registry's and the variants)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at once (default 2)")
     parser.add_argument("--out", type=Path, default=REPO / "study_output" / "label_efficiency_2d")
     parser.add_argument("--report-only", action="store_true", help="report the finished runs, train nothing")
@@ -80,6 +88,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"method {args.method!r} has no arm(s) {sorted(missing)} in its registry entry; this study "
                      f"compares {[a for a, _ in COMPARISONS]}")
     args.method = method
+    args.arm_overrides = dict(method.arms)
+    args.variants = []
+    for variant in args.variant:
+        name, separator, overrides = variant.partition("=")
+        if not separator or not name.isidentifier() or name in args.arm_overrides or name == PLATEAU_ARM:
+            parser.error(f"--variant {variant!r}: give NAME=OVERRIDES with a new identifier NAME, not one of "
+                         f"{sorted(args.arm_overrides)}")
+        args.arm_overrides[name] = f"{method.arms['semsim']} {overrides}".strip()
+        args.variants.append(name)
+    unknown = set(args.arms or ()) - set(args.arm_overrides)
+    if unknown:
+        parser.error(f"--arms {sorted(unknown)}: not an arm; the arms are {sorted(args.arm_overrides)}")
     return args
 
 
@@ -88,8 +108,9 @@ def run_dir(out: Path, labeled: int, arm: str, seed: int) -> Path:
 
 
 def planned_runs(args: argparse.Namespace) -> list[tuple[int, str, int, int]]:
-    """(K, arm, seed, epochs) of every run, the slow arms first so that two workers finish together."""
-    arms = sorted(args.method.arms, key=lambda a: a != "semsim")
+    """(K, arm, seed, epochs) of every run, the slow arms (SemSim and its variants) first so that two workers finish
+    together."""
+    arms = sorted(args.arms or args.arm_overrides, key=lambda a: a not in ("semsim", *args.variants))
     runs = [(k, arm, seed, args.epochs) for seed in args.seeds for k in args.labeled for arm in arms]
     if args.plateau_epochs:
         runs += [(k, PLATEAU_ARM, args.seeds[0], args.plateau_epochs) for k in args.labeled]
@@ -102,7 +123,7 @@ def train_one(args: argparse.Namespace, labeled: int, arm: str, seed: int, epoch
     if (out / "recipe_benchmark.json").is_file():
         return out
     # The plateau run validates every epoch (a share of 100 always passes the time-share schedule) to draw its curve.
-    overrides = args.method.arms["supervised"] + " --val_share 100" if arm == PLATEAU_ARM else args.method.arms[arm]
+    overrides = args.arm_overrides["supervised"] + " --val_share 100" if arm == PLATEAU_ARM else args.arm_overrides[arm]
     settings = shlex.split(f"{DEFAULT_SETTINGS} {args.extra} {overrides}") + [
         "--max_epochs", str(epochs), "--seed", str(seed)]
     command = [sys.executable, str(REPO / "scripts" / "recipe_benchmark.py"), "--bundle", args.method.bundle,
@@ -144,10 +165,10 @@ def validation_curve(folder: Path) -> list[tuple[int, float]]:
 def analyse(args: argparse.Namespace) -> dict:
     """Scores, paired intervals, target checks and validation curves of every K from the finished runs."""
     report = {"settings": f"{DEFAULT_SETTINGS} {args.extra}".strip(), "epochs": args.epochs, "seeds": args.seeds,
-              "task": args.task, "arms": args.method.arms, "per_k": {}}
+              "task": args.task, "arms": args.arm_overrides, "per_k": {}}
     for labeled in args.labeled:
         scores: dict[str, dict[int, dict]] = {}
-        for arm in args.method.arms:
+        for arm in args.arm_overrides:
             for seed in args.seeds:
                 result = run_dir(args.out, labeled, arm, seed) / "recipe_benchmark.json"
                 if result.is_file():
@@ -156,7 +177,8 @@ def analyse(args: argparse.Namespace) -> dict:
                     scores.setdefault(arm, {})[seed] = {"mean": data["mean_dice"], "per_class": per_class,
                                                         "train_s": data["train_s"]}
         comparisons = {}
-        for method_arm, base_arm in COMPARISONS:
+        variant_comparisons = tuple((v, base) for v in args.variants for base in ("semsim", "supervised"))
+        for method_arm, base_arm in COMPARISONS + variant_comparisons:
             seeds = sorted(set(scores.get(method_arm, {})) & set(scores.get(base_arm, {})))
             if not seeds:
                 continue
