@@ -79,9 +79,27 @@ def test_planned_runs_put_the_slow_arm_first_and_add_the_plateau_run(tmp_path):
                                         (1, "supervised_long", 3, 24)]
 
 
+def test_a_variant_is_semsim_with_its_overrides_and_is_compared_with_semsim_and_supervised(finished_study):
+    for i, seed in enumerate(SEEDS):
+        write_run(finished_study / "k1" / f"ema_{seed}", SUPERVISED[i] + GAINS[1]["semsim"][i] + 0.01 * (i - 2))
+    argv = ["--out", str(finished_study), "--labeled", "1", "--variant", "ema=--ema_decay 0.99"]
+    args = study.parse_args(argv + ["--arms", "ema", "supervised"])
+    assert args.arm_overrides["ema"] == "--ema_decay 0.99"  # the registry's semsim arm has no overrides
+    assert [arm for _, arm, _, _ in study.planned_runs(args)[:2]] == ["ema", "supervised"]
+    report = study.main(argv + ["--report-only"])
+    comparisons = report["per_k"][1]["comparisons"]
+    assert comparisons["ema-semsim"]["differences"] == pytest.approx([-0.02, -0.01, 0.0, 0.01, 0.02])
+    assert comparisons["ema-semsim"]["verdict"].startswith("no measurable effect")
+    assert comparisons["ema-supervised"]["mean"] == pytest.approx(0.07)
+    assert "| ema − semsim | -0.020, -0.010, +0.000, +0.010, +0.020 |" in (finished_study / "results.md").read_text()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--seeds", "0", "0"], "seeds must be distinct"),
     (["--method", "selfreg"], r"has no arm\(s\) \['fixmatch', 'semsim', 'supervised'\]"),
+    (["--variant", "fixmatch=--ema_decay 0.99"], "a new identifier NAME, not one of"),
+    (["--variant", "ema"], "give NAME=OVERRIDES"),
+    (["--arms", "semsim", "mean_teacher"], r"--arms \['mean_teacher'\]: not an arm"),
 ])
 def test_bad_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
