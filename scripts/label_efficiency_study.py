@@ -166,6 +166,7 @@ def analyse(args: argparse.Namespace) -> dict:
     """Scores, paired intervals, target checks and validation curves of every K from the finished runs."""
     report = {"settings": f"{DEFAULT_SETTINGS} {args.extra}".strip(), "epochs": args.epochs, "seeds": args.seeds,
               "task": args.task, "arms": args.arm_overrides, "per_k": {}}
+    comparisons_to_make = COMPARISONS + tuple((v, base) for v in args.variants for base in ("semsim", "supervised"))
     for labeled in args.labeled:
         scores: dict[str, dict[int, dict]] = {}
         for arm in args.arm_overrides:
@@ -177,8 +178,7 @@ def analyse(args: argparse.Namespace) -> dict:
                     scores.setdefault(arm, {})[seed] = {"mean": data["mean_dice"], "per_class": per_class,
                                                         "train_s": data["train_s"]}
         comparisons = {}
-        variant_comparisons = tuple((v, base) for v in args.variants for base in ("semsim", "supervised"))
-        for method_arm, base_arm in COMPARISONS + variant_comparisons:
+        for method_arm, base_arm in comparisons_to_make:
             seeds = sorted(set(scores.get(method_arm, {})) & set(scores.get(base_arm, {})))
             if not seeds:
                 continue
